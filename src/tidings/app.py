@@ -1,0 +1,50 @@
+"""The composition root: ``create_app(settings)`` wires config, backend, hub, transports and routes."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+from aiohttp import web
+
+from .backends import Broker, broker_from_url
+from .config import Settings
+from .node import NODE, Node
+from .protocol import CloseCode
+from .transports.flush import FLUSHER, Flusher
+from .transports.http_api import api_routes, error_middleware
+from .transports.websocket import ws_handler
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("tidings")
+
+
+def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
+    """A ready aiohttp application. ``broker`` overrides the one named by ``settings.broker_url``."""
+    node = Node(
+        settings,
+        broker or broker_from_url(settings.broker_url, sqlite_synchronous=settings.sqlite_synchronous),
+    )
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_http_body)
+    app[NODE] = node
+    app[FLUSHER] = Flusher()
+    app.router.add_routes(api_routes())
+    app.router.add_get("/ws", ws_handler)
+
+    async def on_startup(app: web.Application) -> None:
+        await node.start()
+        gc.collect()
+        gc.freeze()  # start-up objects never need scanning again
+
+    async def on_shutdown(app: web.Application) -> None:
+        for conn in list(node.connections):
+            conn.close(CloseCode.GOING_AWAY)
+
+    async def on_cleanup(app: web.Application) -> None:
+        await node.close()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app

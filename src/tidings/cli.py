@@ -1,0 +1,260 @@
+"""``tidings serve | publish | subscribe | history``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import __version__
+from .auth import ensure_api_key, read_api_key
+from .config import ConfigError, Settings, load_settings
+from .protocol import StreamPosition
+
+__all__ = ["main"]
+
+log = logging.getLogger("tidings")
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+# ---------------------------------------------------------------------------------------------- serve
+
+
+async def serve(settings: Settings, sock: socket.socket | None = None) -> int:
+    from aiohttp import web
+
+    from .app import create_app
+
+    key_note = "API keys from configuration"
+    if not settings.api_keys:
+        key, path, created = ensure_api_key(settings.data_dir)
+        settings.api_keys = [key]
+        key_note = f"API key {'created in' if created else 'in'} {path.resolve()}"
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    if sock is not None:
+        site: web.BaseSite = web.SockSite(runner, sock)
+        host, port = sock.getsockname()[:2]
+    else:
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
+        host, port = settings.host, settings.port
+    await site.start()
+    if port == 0 and runner.addresses:
+        host, port = runner.addresses[0][:2]
+    data = (
+        settings.broker_url
+        if settings.broker
+        else f"{settings.broker_url} (data dir {settings.data_dir.resolve()})"
+    )
+    log.info(
+        "tidings %s listening on http://%s:%s (WebSocket /ws); history: %s; %s",
+        __version__,
+        host,
+        port,
+        data,
+        key_note,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    cli = {
+        "host": args.host,
+        "port": args.port,
+        "data_dir": args.data_dir,
+        "broker": args.broker,
+        "allowed_origins": args.allowed_origin,
+        "max_message_size": args.max_message_size,
+        "log_level": args.log_level,
+    }
+    try:
+        settings = load_settings(cli, config_file=args.config)
+    except ConfigError as exc:
+        print(f"tidings: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sock = socket.socket(fileno=args.fd) if args.fd is not None else None
+    try:
+        return _run(serve(settings, sock))
+    except OSError as exc:
+        print(f"tidings: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------- clients
+
+
+def _api_key(args: argparse.Namespace) -> str:
+    key = args.api_key or os.environ.get("TIDINGS_API_KEY") or read_api_key(Path(args.data_dir))
+    if not key:
+        raise SystemExit(
+            "tidings: no API key: pass --api-key, set TIDINGS_API_KEY, or run where the server's data dir is"
+        )
+    return key
+
+
+def _parse_data(raw: str) -> Any:
+    """JSON if it parses, else the text as a JSON string (so `tidings publish ch hello` works)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw
+
+
+def _http_url(args: argparse.Namespace) -> str:
+    return str(args.url or os.environ.get("TIDINGS_URL") or "http://127.0.0.1:8888")
+
+
+def _ws_url(args: argparse.Namespace) -> str:
+    base = _http_url(args)
+    if base.startswith(("ws://", "wss://")):
+        return base
+    return base.replace("https://", "wss://", 1).replace("http://", "ws://", 1).rstrip("/") + "/ws"
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .client import ApiError, HTTPClient
+
+    async def go() -> int:
+        async with HTTPClient(_http_url(args), _api_key(args)) as api:
+            try:
+                result = await api.publish(args.channel, _parse_data(args.data))
+            except ApiError as exc:
+                print(f"tidings: {exc}", file=sys.stderr)
+                return 1
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        return 0
+
+    return _run(go())
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from .client import ApiError, HTTPClient
+
+    async def go() -> int:
+        async with HTTPClient(_http_url(args), _api_key(args)) as api:
+            try:
+                pubs, _, _ = await api.history(args.channel, limit=args.limit)
+            except ApiError as exc:
+                print(f"tidings: {exc}", file=sys.stderr)
+                return 1
+        for p in pubs:
+            sys.stdout.write(orjson.dumps(p.to_json()).decode() + "\n")
+        return 0
+
+    return _run(go())
+
+
+def _cmd_subscribe(args: argparse.Namespace) -> int:
+    from .client import Client, ClientClosed, RequestError, Subscription
+
+    async def pump(sub: Subscription) -> None:
+        async for pub in sub:
+            sys.stdout.write(orjson.dumps(pub.to_json()).decode() + "\n")
+            sys.stdout.flush()
+
+    async def go() -> int:
+        client = Client(_ws_url(args))
+        try:
+            await client.connect(timeout=args.connect_timeout)
+            subs = []
+            for ch in args.channels:
+                since = None
+                if args.since is not None:
+                    epoch = args.epoch or (await client.history(ch, limit=1)).position.epoch
+                    since = StreamPosition(args.since, epoch)
+                subs.append(await client.subscribe(ch, since=since))
+            print(f"tidings: subscribed to {', '.join(args.channels)}", file=sys.stderr)
+            await asyncio.gather(*(pump(s) for s in subs))
+        except (RequestError, ClientClosed, ConnectionError) as exc:
+            print(f"tidings: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await client.close()
+        return 0
+
+    try:
+        return _run(go())
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tidings", description="Real-time push and chat server.")
+    p.add_argument("--version", action="version", version=f"tidings {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1; env TIDINGS_HOST)")
+    s.add_argument("--port", type=int, help="port (default 8888; env TIDINGS_PORT)")
+    s.add_argument("--data-dir", help="where history and the API key live (default ./tidings-data)")
+    s.add_argument("--broker", help="memory:// | sqlite:///path (default: SQLite in the data dir)")
+    s.add_argument("--config", help="TOML configuration file (env TIDINGS_CONFIG)")
+    s.add_argument("--allowed-origin", action="append", help="origin allowed to open WebSockets (repeat)")
+    s.add_argument("--max-message-size", type=int, help="largest incoming message in bytes (default 65536)")
+    s.add_argument("--log-level", help="debug | info | warning | error (default info)")
+    s.add_argument("--fd", type=int, help=argparse.SUPPRESS)  # an already-bound listening socket (tests)
+    s.set_defaults(func=_cmd_serve)
+
+    def client_opts(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--url", help="server URL (default http://127.0.0.1:8888; env TIDINGS_URL)")
+        c.add_argument("--api-key", help="API key (env TIDINGS_API_KEY; default: read from --data-dir)")
+        c.add_argument("--data-dir", default=os.environ.get("TIDINGS_DATA_DIR", "tidings-data"))
+
+    c = sub.add_parser("publish", help="publish DATA (JSON, or plain text) to CHANNEL via the HTTP API")
+    c.add_argument("channel")
+    c.add_argument("data")
+    client_opts(c)
+    c.set_defaults(func=_cmd_publish)
+
+    c = sub.add_parser("history", help="print CHANNEL's history as JSON lines")
+    c.add_argument("channel")
+    c.add_argument("--limit", type=int)
+    client_opts(c)
+    c.set_defaults(func=_cmd_history)
+
+    c = sub.add_parser("subscribe", help="print publications as JSON lines; reconnects and recovers")
+    c.add_argument("channels", nargs="+", metavar="CHANNEL")
+    c.add_argument("--since", type=int, help="start after this offset (recover what came since)")
+    c.add_argument("--epoch", help="the epoch of --since (default: the channel's current epoch)")
+    c.add_argument("--url", help="server URL (default http://127.0.0.1:8888; env TIDINGS_URL)")
+    c.add_argument("--connect-timeout", type=float, default=30.0)
+    c.set_defaults(func=_cmd_subscribe)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The running server's state shared by every transport: settings, hub, broker and the channel rules."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .backends.base import Broker, HistoryResult
+from .config import Namespace, Settings
+from .history import can_recover
+from .hub import Hub, Sink
+from .protocol import ErrorCode, ProtocolError, Publication, StreamPosition, is_valid_channel
+
+__all__ = ["NODE", "Node"]
+
+
+class Node:
+    def __init__(self, settings: Settings, broker: Broker) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.hub = Hub(max_pending_bytes=settings.max_buffer)
+        self.connections: set[Sink] = set()
+        self.started = time.time()
+
+    async def start(self) -> None:
+        await self.broker.start(self.hub.deliver)
+
+    async def close(self) -> None:
+        await self.broker.close()
+
+    def namespace(self, channel: object, rid: int | str | None = None) -> Namespace:
+        """The rules for ``channel``, or ProtocolError(invalid_channel / unknown_namespace)."""
+        if not is_valid_channel(channel):
+            raise ProtocolError(
+                ErrorCode.INVALID_CHANNEL,
+                "channel must be 1-255 characters of letters, digits and _-:.@/=",
+                rid,
+            )
+        assert isinstance(channel, str)
+        ns = self.settings.namespace_for(channel)
+        if ns is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_NAMESPACE, f"no namespace configured for {channel!r}", rid)
+        return ns
+
+    def publish(
+        self,
+        channel: str,
+        data: Any,
+        ns: Namespace,
+        info: dict[str, Any] | None = None,
+        rid: int | str | None = None,
+    ) -> asyncio.Future[Publication]:
+        """Size-check and hand to the broker. The channel and permission checks are the caller's."""
+        limit = ns.max_message_size or self.settings.max_message_size
+        size = len(orjson.dumps(data))
+        if size > limit:
+            raise ProtocolError(
+                ErrorCode.MESSAGE_TOO_LARGE, f"data is {size} bytes; the limit here is {limit}", rid
+            )
+        return self.broker.publish(channel, data, ns.history, info)
+
+    async def history(
+        self, channel: str, ns: Namespace, since: StreamPosition | None, limit: int | None
+    ) -> tuple[HistoryResult, bool | None]:
+        """History for a reader; with ``since`` also whether it was complete (the recovery verdict)."""
+        if since is None:
+            return await self.broker.history(channel, ns.history, limit=limit), None
+        res = await self.broker.history(channel, ns.history, since=since.offset, limit=limit)
+        ok = can_recover(res, since)
+        if not ok:
+            res.publications = []
+        return res, ok
+
+
+NODE = web.AppKey("tidings.node", Node)

@@ -1,0 +1,55 @@
+"""The sans-I/O protocol: message classes, parse/serialize, error and close codes, channel rules."""
+
+from .channels import MAX_CHANNEL_BYTES, is_valid_channel, namespace_of
+from .codes import CLOSE_REASONS, HTTP_STATUS, CloseCode, ErrorCode
+from .frames import deflate_payload, text_frame
+from .messages import (
+    PROTOCOL_VERSION,
+    Command,
+    ConnectCmd,
+    HistoryCmd,
+    PingCmd,
+    PresenceCmd,
+    ProtocolError,
+    Publication,
+    PublishCmd,
+    StreamPosition,
+    SubscribeCmd,
+    UnsubscribeCmd,
+    decode_frame,
+    disconnect_push,
+    encode_error,
+    encode_ok,
+    parse_command,
+    parse_position,
+)
+
+__all__ = [
+    "CLOSE_REASONS",
+    "HTTP_STATUS",
+    "MAX_CHANNEL_BYTES",
+    "PROTOCOL_VERSION",
+    "CloseCode",
+    "Command",
+    "ConnectCmd",
+    "ErrorCode",
+    "HistoryCmd",
+    "PingCmd",
+    "PresenceCmd",
+    "ProtocolError",
+    "Publication",
+    "PublishCmd",
+    "StreamPosition",
+    "SubscribeCmd",
+    "UnsubscribeCmd",
+    "decode_frame",
+    "deflate_payload",
+    "disconnect_push",
+    "encode_error",
+    "encode_ok",
+    "is_valid_channel",
+    "namespace_of",
+    "parse_command",
+    "parse_position",
+    "text_frame",
+]

@@ -1,0 +1,210 @@
+"""The HTTP API for backends: publish, broadcast, history, channels, health. See docs/http-api.md."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..backends.base import BrokerError
+from ..node import NODE, Node
+from ..protocol import HTTP_STATUS, ErrorCode, ProtocolError, Publication, StreamPosition
+from ..protocol.messages import MAX_HISTORY_LIMIT
+
+__all__ = ["ApiError", "api_routes", "error_middleware"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BROADCAST_CHANNELS = 1000
+
+
+class ApiError(Exception):
+    def __init__(self, code: ErrorCode, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status or HTTP_STATUS[code]
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def error_response(code: ErrorCode, message: str, status: int | None = None) -> web.Response:
+    return json_response({"error": {"code": str(code), "message": message}}, status or HTTP_STATUS[code])
+
+
+_STATUS_CODES = {
+    400: ErrorCode.BAD_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.PERMISSION_DENIED,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.BAD_REQUEST,
+    413: ErrorCode.MESSAGE_TOO_LARGE,
+    429: ErrorCode.RATE_LIMITED,
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every /api/ error is JSON with a stable code."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.code, exc.message, exc.status)
+    except ProtocolError as exc:
+        return error_response(exc.code, exc.message)
+    except BrokerError as exc:
+        return error_response(ErrorCode.UNAVAILABLE, str(exc))
+    except web.HTTPException as exc:
+        if not request.path.startswith("/api/") or exc.status < 400:
+            raise
+        code = _STATUS_CODES.get(
+            exc.status, ErrorCode.INTERNAL if exc.status >= 500 else ErrorCode.BAD_REQUEST
+        )
+        return error_response(code, exc.reason, exc.status)
+
+
+def _node(request: web.Request) -> Node:
+    return request.app[NODE]
+
+
+def _check_key(request: web.Request) -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise ApiError(ErrorCode.UNAUTHORIZED, "send Authorization: Bearer <api key>")
+    given = key.strip().encode()
+    ok = False
+    for k in _node(request).settings.api_keys:
+        ok |= hmac.compare_digest(given, k.encode())  # no early exit: constant time over keys
+    if not ok:
+        raise ApiError(ErrorCode.UNAUTHORIZED, "invalid API key")
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(ErrorCode.BAD_REQUEST, f"invalid JSON: {exc.msg}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
+    return obj
+
+
+def _pub_result(pub: Publication) -> dict[str, Any]:
+    return {"offset": pub.offset, "epoch": pub.epoch, "id": pub.id}
+
+
+def _info(body: dict[str, Any]) -> dict[str, Any] | None:
+    info = body.get("info")
+    if info is not None and not isinstance(info, dict):
+        raise ApiError(ErrorCode.INVALID_FIELD, "info must be an object")
+    return info
+
+
+async def publish(request: web.Request) -> web.Response:
+    _check_key(request)
+    body = await _json_body(request)
+    if "data" not in body:
+        raise ApiError(ErrorCode.INVALID_FIELD, "data is required")
+    channel = body.get("channel")
+    node = _node(request)
+    ns = node.namespace(channel)
+    assert isinstance(channel, str)
+    pub = await node.publish(channel, body["data"], ns, _info(body))
+    return json_response(_pub_result(pub))
+
+
+async def broadcast(request: web.Request) -> web.Response:
+    _check_key(request)
+    body = await _json_body(request)
+    channels = body.get("channels")
+    if not isinstance(channels, list) or not channels or len(channels) > MAX_BROADCAST_CHANNELS:
+        raise ApiError(
+            ErrorCode.INVALID_FIELD, f"channels must be a list of 1 to {MAX_BROADCAST_CHANNELS} names"
+        )
+    if "data" not in body:
+        raise ApiError(ErrorCode.INVALID_FIELD, "data is required")
+    node = _node(request)
+    info = _info(body)
+    futures: list[asyncio.Future[Publication] | dict[str, Any]] = []
+    for ch in channels:
+        try:
+            futures.append(node.publish(ch, body["data"], node.namespace(ch), info))
+        except ProtocolError as exc:
+            futures.append({"channel": ch, "error": {"code": str(exc.code), "message": exc.message}})
+    results: list[dict[str, Any]] = []
+    for ch, f in zip(channels, futures, strict=True):
+        if isinstance(f, dict):
+            results.append(f)
+            continue
+        try:
+            results.append({"channel": ch, **_pub_result(await f)})
+        except BrokerError as exc:
+            results.append(
+                {"channel": ch, "error": {"code": str(ErrorCode.UNAVAILABLE), "message": str(exc)}}
+            )
+    return json_response({"results": results})
+
+
+def _int_param(request: web.Request, name: str, lo: int, hi: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(ErrorCode.INVALID_FIELD, f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise ApiError(ErrorCode.INVALID_FIELD, f"{name} must be between {lo} and {hi}")
+    return value
+
+
+async def history(request: web.Request) -> web.Response:
+    _check_key(request)
+    channel = request.match_info["channel"]
+    node = _node(request)
+    ns = node.namespace(channel)
+    limit = _int_param(request, "limit", 1, MAX_HISTORY_LIMIT)
+    since_off = _int_param(request, "since", 0, 2**63 - 1)
+    epoch = request.query.get("epoch")
+    if since_off is None and epoch is not None:
+        raise ApiError(ErrorCode.INVALID_FIELD, "epoch goes with since")
+    since = None if since_off is None else StreamPosition(since_off, epoch or "")
+    if since is not None and epoch is None:
+        # No epoch given: trust the offset against the current epoch.
+        top = (await node.broker.history(channel, ns.history, limit=0)).position
+        since = StreamPosition(since_off or 0, top.epoch)
+    res, recovered = await node.history(channel, ns, since, limit)
+    out: dict[str, Any] = {"publications": [p.to_json() for p in res.publications], **res.position.to_json()}
+    if recovered is not None:
+        out["recovered"] = recovered
+    return json_response(out)
+
+
+async def channels(request: web.Request) -> web.Response:
+    _check_key(request)
+    hub = _node(request).hub
+    return json_response(
+        {"channels": [{"channel": ch, "subscribers": n} for ch, n in sorted(hub.channels().items())]}
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    node = _node(request)
+    return json_response({"status": "ok", "connections": len(node.connections)})
+
+
+def api_routes() -> list[web.RouteDef]:
+    return [
+        web.post("/api/publish", publish),
+        web.post("/api/broadcast", broadcast),
+        web.get("/api/channels", channels),
+        web.get(r"/api/channels/{channel:.+}/history", history),
+        web.get("/healthz", healthz),
+    ]

@@ -1,0 +1,286 @@
+"""Real servers on free loopback ports, real clients. Nothing here sleeps and hopes: every wait has a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from tidings.app import create_app
+from tidings.config import Namespace, Settings
+from tidings.node import NODE, Node
+
+API_KEY = "test-key-0123456789"
+
+
+def bound_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A listening socket on a free port: the port is known before the server starts, so nothing races."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(1024)
+    return sock
+
+
+@dataclass
+class Server:
+    runner: web.AppRunner
+    port: int
+    settings: Settings
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def node(self) -> Node:
+        return self.runner.app[NODE]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def make_settings(tmp_path: Path, **kw: Any) -> Settings:
+    ns = kw.pop("namespaces", None)
+    s = Settings(data_dir=tmp_path / "data", api_keys=[API_KEY], broker="memory://")
+    s.namespaces = {
+        "chat": Namespace("chat", publish=True, join_leave=True),
+        "pub": Namespace("pub", publish=True),
+        "ro": Namespace("ro", publish=False),
+        "small": Namespace("small", publish=True, history_size=5),
+        "ttl": Namespace("ttl", publish=True, history_ttl=0.5),
+        **(ns or {}),
+    }
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+ServerFactory = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def start_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """``await start_server(broker="sqlite://...", max_buffer=...)``: a server on its own free port."""
+    started: list[Server] = []
+
+    async def start(sock: socket.socket | None = None, **kw: Any) -> Server:
+        settings = kw.pop("settings", None) or make_settings(tmp_path, **kw)
+        runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=2)
+        await runner.setup()
+        sock = sock or bound_socket()
+        site = web.SockSite(runner, sock)
+        await site.start()
+        srv = Server(runner, sock.getsockname()[1], settings)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        await srv.stop()
+
+
+@pytest.fixture
+async def server(start_server: ServerFactory) -> Server:
+    return await start_server()
+
+
+class Probe:
+    """A raw protocol client: send commands, await replies by id, await pushes. For testing the wire."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.replies: dict[Any, dict[str, Any]] = {}
+        self.pushes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.closed = asyncio.Event()
+        self._reply_event = asyncio.Event()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self.ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                obj = orjson.loads(msg.data)
+                if "type" in obj:
+                    self.pushes.put_nowait(obj)
+                else:
+                    self.replies[obj.get("id")] = obj
+                    self._reply_event.set()
+        finally:
+            self.closed.set()
+            self._reply_event.set()
+
+    async def send_raw(self, text: str) -> None:
+        await self.ws.send_str(text)
+
+    async def request(self, op: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+        rid = next(self._ids)
+        await self.ws.send_str(orjson.dumps({"id": rid, "op": op, **fields}).decode())
+        return await self.reply(rid, timeout)
+
+    async def reply(self, rid: Any, timeout: float = 5.0) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while rid not in self.replies:
+                if self.closed.is_set():
+                    raise ConnectionError(f"closed ({self.ws.close_code}) before reply {rid}")
+                self._reply_event.clear()
+                await self._reply_event.wait()
+        return self.replies.pop(rid)
+
+    async def ok(self, op: str, **fields: Any) -> dict[str, Any]:
+        r = await self.request(op, **fields)
+        assert r.get("ok") is True, r
+        result: dict[str, Any] = r["result"]
+        return result
+
+    async def push(self, timeout: float = 5.0) -> dict[str, Any]:
+        return await asyncio.wait_for(self.pushes.get(), timeout)
+
+    async def messages(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            while len(out) < n:
+                p = await self.pushes.get()
+                if p["type"] == "message":
+                    out.append(p)
+        return out
+
+    async def wait_closed(self, timeout: float = 10.0) -> int | None:
+        await asyncio.wait_for(self.closed.wait(), timeout)
+        return self.ws.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+ProbeFactory = Callable[..., Awaitable[Probe]]
+
+
+@pytest.fixture
+async def probe(session: aiohttp.ClientSession) -> AsyncIterator[ProbeFactory]:
+    """``p = await probe(server)``: a connected raw-protocol client, closed after the test."""
+    made: list[Probe] = []
+
+    async def connect(srv: Server | str, **kw: Any) -> Probe:
+        url = srv if isinstance(srv, str) else srv.ws_url
+        ws = await session.ws_connect(url, autoping=True, **kw)
+        p = Probe(ws)
+        made.append(p)
+        return p
+
+    yield connect
+    for p in made:
+        await p.close()
+
+
+def api_headers(key: str = API_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# ---------------------------------------------------------------------------------------------- subprocess
+
+
+@dataclass
+class Proc:
+    """``tidings serve`` in a subprocess on a pre-bound socket, for restart and kill -9 tests."""
+
+    data_dir: Path
+    port: int
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(1024)
+        self.port = sock.getsockname()[1]
+        self.log = self.data_dir.parent / f"server-{self.port}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tidings", "serve", "--fd", str(sock.fileno()),
+                 "--data-dir", str(self.data_dir), *self.args],
+                pass_fds=[sock.fileno()], stdout=logf, stderr=subprocess.STDOUT, env=env,
+            )
+        sock.close()
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log and self.log.read_text()}")
+            if self.log and b"listening on" in self.log.read_bytes():
+                return
+            time.sleep(0.05)
+        raise TimeoutError("server did not start")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def subprocess_server(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    made: list[Proc] = []
+
+    def make(*args: str) -> Proc:
+        p = Proc(tmp_path / "data", 0, list(args))
+        p.start()
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.stop()
