@@ -1,4 +1,4 @@
-"""Real servers on free loopback ports, real clients. Nothing here sleeps and hopes: every wait has a timeout."""
+"""Real servers on free loopback ports, real clients. Every wait has a timeout; nothing sleeps and hopes."""
 
 from __future__ import annotations
 
@@ -238,9 +238,21 @@ class Proc:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tidings", "serve", "--fd", str(sock.fileno()),
-                 "--data-dir", str(self.data_dir), *self.args],
-                pass_fds=[sock.fileno()], stdout=logf, stderr=subprocess.STDOUT, env=env,
+                [
+                    sys.executable,
+                    "-m",
+                    "tidings",
+                    "serve",
+                    "--fd",
+                    str(sock.fileno()),
+                    "--data-dir",
+                    str(self.data_dir),
+                    *self.args,
+                ],
+                pass_fds=[sock.fileno()],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         sock.close()
         self.wait_ready()

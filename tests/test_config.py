@@ -22,7 +22,9 @@ def test_every_option_is_documented() -> None:
 def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
     cfg = tmp_path / "t.toml"
     cfg.write_text('port = 1000\nhost = "0.0.0.0"\nmax_buffer = 5\n[namespaces.news]\nhistory_size = 7\n')
-    s = load_settings({"port": 3000}, env={"TIDINGS_PORT": "2000", "TIDINGS_MAX_BUFFER": "9"}, config_file=cfg)
+    s = load_settings(
+        {"port": 3000}, env={"TIDINGS_PORT": "2000", "TIDINGS_MAX_BUFFER": "9"}, config_file=cfg
+    )
     assert (s.port, s.host, s.max_buffer) == (3000, "0.0.0.0", 9)
     assert s.namespaces["news"].history_size == 7
     assert s.namespace_for("news:x") == s.namespaces["news"]
@@ -40,8 +42,14 @@ def test_example_file_in_docs_loads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["nope = 1\n", "port = 'x'\n", "port = -1\n", "[namespaces.a]\nbogus = 1\n",
-     "[namespaces.a]\nhistory_size = 'big'\n", "port = [\n"],
+    [
+        "nope = 1\n",
+        "port = 'x'\n",
+        "port = -1\n",
+        "[namespaces.a]\nbogus = 1\n",
+        "[namespaces.a]\nhistory_size = 'big'\n",
+        "port = [\n",
+    ],
 )
 def test_bad_config_is_an_error(tmp_path: Path, text: str) -> None:
     cfg = tmp_path / "bad.toml"

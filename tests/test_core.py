@@ -16,8 +16,9 @@ from .conftest import ProbeFactory, Server, ServerFactory, api_headers
 
 
 async def publish(session: aiohttp.ClientSession, srv: Server, channel: str, data: Any) -> dict[str, Any]:
-    async with session.post(f"{srv.http}/api/publish", json={"channel": channel, "data": data},
-                            headers=api_headers()) as r:
+    async with session.post(
+        f"{srv.http}/api/publish", json={"channel": channel, "data": data}, headers=api_headers()
+    ) as r:
         assert r.status == 200, await r.text()
         result: dict[str, Any] = await r.json()
         return result
@@ -61,7 +62,9 @@ async def test_ws_publish_reaches_other_clients_and_acks(any_server: Server, pro
         assert m["data"] == {"hello": "world"} and m["id"] == res["id"] and m["type"] == "message"
 
 
-async def test_history_size_limit(any_server: Server, probe: ProbeFactory, session: aiohttp.ClientSession) -> None:
+async def test_history_size_limit(
+    any_server: Server, probe: ProbeFactory, session: aiohttp.ClientSession
+) -> None:
     for i in range(12):
         await publish(session, any_server, "small:h", i)
     p = await probe(any_server)
@@ -88,7 +91,9 @@ async def test_history_ttl(any_server: Server, probe: ProbeFactory, session: aio
     assert r["recovered"] is False
 
 
-async def test_recovery_after_disconnect(any_server: Server, probe: ProbeFactory, session: aiohttp.ClientSession) -> None:
+async def test_recovery_after_disconnect(
+    any_server: Server, probe: ProbeFactory, session: aiohttp.ClientSession
+) -> None:
     p = await probe(any_server)
     first = await p.ok("subscribe", channel="pub:rec")
     for i in range(3):
@@ -129,8 +134,11 @@ async def test_recovery_while_publishing_has_no_gap_or_duplicate(
     subs = []
     for _ in range(10):
         q = await probe(any_server)
-        r = await q.ok("subscribe", channel="pub:race", since={"offset": 5, "epoch": (await pub.ok(
-            "history", channel="pub:race", limit=1))["epoch"]})
+        r = await q.ok(
+            "subscribe",
+            channel="pub:race",
+            since={"offset": 5, "epoch": (await pub.ok("history", channel="pub:race", limit=1))["epoch"]},
+        )
         assert r["recovered"] is True
         subs.append(q)
     await task
@@ -141,8 +149,9 @@ async def test_recovery_while_publishing_has_no_gap_or_duplicate(
 
 
 @pytest.mark.parametrize("case", ["wrong_epoch", "gap_beyond_history", "future_offset"])
-async def test_recovered_false(any_server: Server, probe: ProbeFactory, session: aiohttp.ClientSession,
-                               case: str) -> None:
+async def test_recovered_false(
+    any_server: Server, probe: ProbeFactory, session: aiohttp.ClientSession, case: str
+) -> None:
     for i in range(10):
         res = await publish(session, any_server, "small:g", i)  # history keeps 5
     epoch = res["epoch"]
@@ -161,7 +170,9 @@ async def test_recovered_false(any_server: Server, probe: ProbeFactory, session:
     assert p.pushes.empty()
 
 
-async def test_recover_at_edge_of_history(any_server: Server, probe: ProbeFactory, session: aiohttp.ClientSession) -> None:
+async def test_recover_at_edge_of_history(
+    any_server: Server, probe: ProbeFactory, session: aiohttp.ClientSession
+) -> None:
     for i in range(10):
         res = await publish(session, any_server, "small:e", i)  # keeps offsets 6..10
     p = await probe(any_server)
@@ -249,23 +260,32 @@ async def test_slow_consumer_is_cut_off_and_others_unaffected(
     assert (await good.messages(1))[0]["data"] == {"n": "after"}
 
 
-async def test_channels_and_health(server: Server, probe: ProbeFactory, session: aiohttp.ClientSession) -> None:
+async def test_channels_and_health(
+    server: Server, probe: ProbeFactory, session: aiohttp.ClientSession
+) -> None:
     p = await probe(server)
     await p.ok("subscribe", channel="pub:a")
     await p.ok("subscribe", channel="chat:b")
     async with session.get(f"{server.http}/api/channels", headers=api_headers()) as r:
         body = await r.json()
-    assert body == {"channels": [{"channel": "chat:b", "subscribers": 1}, {"channel": "pub:a", "subscribers": 1}]}
+    assert body == {
+        "channels": [{"channel": "chat:b", "subscribers": 1}, {"channel": "pub:a", "subscribers": 1}]
+    }
     async with session.get(f"{server.http}/healthz") as r:
         assert r.status == 200 and (await r.json())["status"] == "ok"
 
 
-async def test_broadcast_and_http_history(server: Server, probe: ProbeFactory, session: aiohttp.ClientSession) -> None:
+async def test_broadcast_and_http_history(
+    server: Server, probe: ProbeFactory, session: aiohttp.ClientSession
+) -> None:
     a, b = await probe(server), await probe(server)
     await a.ok("subscribe", channel="pub:1")
     await b.ok("subscribe", channel="pub:2")
-    async with session.post(f"{server.http}/api/broadcast", headers=api_headers(),
-                            json={"channels": ["pub:1", "pub:2", "bad channel"], "data": "all"}) as r:
+    async with session.post(
+        f"{server.http}/api/broadcast",
+        headers=api_headers(),
+        json={"channels": ["pub:1", "pub:2", "bad channel"], "data": "all"},
+    ) as r:
         body = await r.json()
     assert [x.get("offset") for x in body["results"]] == [1, 1, None]
     assert body["results"][2]["error"]["code"] == "invalid_channel"
@@ -273,8 +293,11 @@ async def test_broadcast_and_http_history(server: Server, probe: ProbeFactory, s
     assert (await b.messages(1))[0]["data"] == "all"
     for i in range(5):
         await publish(session, server, "pub:1", i)
-    async with session.get(f"{server.http}/api/channels/pub:1/history", headers=api_headers(),
-                           params={"since": "3", "limit": "2"}) as r:
+    async with session.get(
+        f"{server.http}/api/channels/pub:1/history",
+        headers=api_headers(),
+        params={"since": "3", "limit": "2"},
+    ) as r:
         h = await r.json()
     assert [x["offset"] for x in h["publications"]] == [4, 5] and h["recovered"] is True
 

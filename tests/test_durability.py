@@ -29,7 +29,9 @@ async def test_kill9_keeps_every_acknowledged_publication(subprocess_server: Cal
                 *(api.publish(ch, {"batch": batch, "i": i}) for i in range(25) for ch in acked)
             )
             for r, (i, ch) in zip(results, [(i, ch) for i in range(25) for ch in acked], strict=True):
-                acked[ch].append({"offset": r["offset"], "epoch": r["epoch"], "data": {"batch": batch, "i": i}})
+                acked[ch].append(
+                    {"offset": r["offset"], "epoch": r["epoch"], "data": {"batch": batch, "i": i}}
+                )
     srv.kill9()
     srv.start()  # same port, same data dir
     async with HTTPClient(srv.http, key) as api:
@@ -47,7 +49,10 @@ async def test_client_survives_server_restart_without_loss(subprocess_server: Ca
     key = read_api_key(srv.data_dir)
     assert key
     received: list[object] = []
-    async with Client(srv.ws_url, min_backoff=0.05, max_backoff=0.5) as client, HTTPClient(srv.http, key) as api:
+    async with (
+        Client(srv.ws_url, min_backoff=0.05, max_backoff=0.5) as client,
+        HTTPClient(srv.http, key) as api,
+    ):
         sub = await client.subscribe("pub:r")
         for i in range(10):
             await api.publish("pub:r", i)
@@ -79,16 +84,29 @@ def test_cli_publish_subscribe_history(subprocess_server: Callable[..., Proc], t
     env = {**os.environ, "TIDINGS_URL": srv.http, "PYTHONUNBUFFERED": "1"}
     sub = subprocess.Popen(
         [sys.executable, "-m", "tidings", "subscribe", "chat:lobby"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     try:
         assert sub.stderr is not None and sub.stdout is not None
         line = sub.stderr.readline()  # "subscribed to ..." once the subscription is live
         assert b"subscribed to chat:lobby" in line, line
         out = subprocess.run(
-            [sys.executable, "-m", "tidings", "publish", "chat:lobby", '{"text":"hi"}',
-             "--data-dir", str(srv.data_dir)],
-            capture_output=True, env=env, timeout=30, check=True,
+            [
+                sys.executable,
+                "-m",
+                "tidings",
+                "publish",
+                "chat:lobby",
+                '{"text":"hi"}',
+                "--data-dir",
+                str(srv.data_dir),
+            ],
+            capture_output=True,
+            env=env,
+            timeout=30,
+            check=True,
         )
         assert b'"offset":1' in out.stdout
         got = sub.stdout.readline()
@@ -98,12 +116,17 @@ def test_cli_publish_subscribe_history(subprocess_server: Callable[..., Proc], t
         sub.wait(10)
     hist = subprocess.run(
         [sys.executable, "-m", "tidings", "history", "chat:lobby", "--data-dir", str(srv.data_dir)],
-        capture_output=True, env=env, timeout=30, check=True,
+        capture_output=True,
+        env=env,
+        timeout=30,
+        check=True,
     )
     assert hist.stdout.count(b"\n") == 1 and b'"text":"hi"' in hist.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "tidings", "publish", "chat:lobby", "x", "--api-key", "wrong"],
-        capture_output=True, env=env, timeout=30,
+        capture_output=True,
+        env=env,
+        timeout=30,
     )
     assert bad.returncode == 1 and b"401 unauthorized" in bad.stderr
 
@@ -112,5 +135,8 @@ async def test_api_key_file_is_private(subprocess_server: Callable[..., Proc]) -
     srv = subprocess_server()
     mode = (srv.data_dir / "api-key").stat().st_mode & 0o777
     assert mode == 0o600
-    async with aiohttp.ClientSession() as s, s.post(f"{srv.http}/api/publish", json={"channel": "a:b", "data": 1}) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{srv.http}/api/publish", json={"channel": "a:b", "data": 1}) as r,
+    ):
         assert r.status == 401
