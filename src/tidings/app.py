@@ -13,6 +13,8 @@ from .node import NODE, Node
 from .protocol import CloseCode
 from .transports.flush import FLUSHER, Flusher
 from .transports.http_api import api_routes, error_middleware
+from .transports.pages import page_routes, security_headers
+from .transports.seed import CHAT_BRIDGE, ChatBridge, chatsocket_handler, echo_handler
 from .transports.websocket import ws_handler
 
 __all__ = ["create_app"]
@@ -26,11 +28,17 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
         settings,
         broker or broker_from_url(settings.broker_url, sqlite_synchronous=settings.sqlite_synchronous),
     )
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_http_body)
+    app = web.Application(
+        middlewares=[security_headers, error_middleware], client_max_size=settings.max_http_body
+    )
     app[NODE] = node
     app[FLUSHER] = Flusher()
+    app[CHAT_BRIDGE] = ChatBridge(node)
     app.router.add_routes(api_routes())
     app.router.add_get("/ws", ws_handler)
+    app.router.add_get("/websocket", echo_handler)
+    app.router.add_get("/chatsocket", chatsocket_handler)
+    app.router.add_routes(page_routes())
 
     async def on_startup(app: web.Application) -> None:
         await node.start()

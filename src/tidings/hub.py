@@ -8,7 +8,7 @@ so the stream it sees has no gap and no duplicate.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import orjson
@@ -60,7 +60,19 @@ class Hub:
     def __init__(self, *, max_pending_bytes: int = 1 << 20) -> None:
         self._channels: dict[str, dict[Sink, _Sub]] = {}
         self._max_pending = max_pending_bytes
+        self._listeners: dict[str, list[Callable[[Publication], None]]] = {}
         self.delivered = 0  # frames handed to sinks, for metrics
+
+    def add_listener(self, channel: str, fn: Callable[[Publication], None]) -> None:
+        """Call ``fn(pub)`` for every publication of ``channel`` (bridges to other wire formats)."""
+        self._listeners.setdefault(channel, []).append(fn)
+
+    def remove_listener(self, channel: str, fn: Callable[[Publication], None]) -> None:
+        fns = self._listeners.get(channel, [])
+        if fn in fns:
+            fns.remove(fn)
+        if not fns:
+            self._listeners.pop(channel, None)
 
     # ------------------------------------------------------------------------------ membership
 
@@ -101,6 +113,9 @@ class Hub:
 
     def deliver(self, pub: Publication) -> int:
         """Offer ``pub`` to every local subscriber of its channel; returns how many took it."""
+        if self._listeners:
+            for fn in self._listeners.get(pub.channel, ()):
+                fn(pub)
         subs = self._channels.get(pub.channel)
         if not subs:
             return 0

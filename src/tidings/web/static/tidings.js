@@ -327,13 +327,15 @@
           clearTimeout(self._openTimer);
           self.clientId = (res && res.client) || null;
           self._connectedAt = Date.now();
-          self._setState("connected");
-          self._emit("connected", { client: self.clientId, version: res && res.version });
+          // Resubscribe and flush waiting requests before announcing "connected", so that anything a
+          // state listener sends goes out after them (e.g. presence then counts this client).
           self._subs.forEach(function (sub) { self._sendSubscribe(sub); });
           var queued = self._queue;
           self._queue = [];
           queued.forEach(function (entry) { self._transmit(entry); });
           self._startPing(ws);
+          self._setState("connected");
+          if (self._ws === ws) self._emit("connected", { client: self.clientId, version: res && res.version });
         },
         function (err) {
           if (self._ws !== ws) return;
