@@ -21,8 +21,9 @@ import pytest
 from aiohttp import web
 
 from tidings.app import create_app
-from tidings.config import Namespace, Settings
+from tidings.config import ApiKey, Namespace, Settings
 from tidings.node import NODE, Node
+from tidings.transports.server import make_runner
 
 API_KEY = "test-key-0123456789"
 
@@ -60,7 +61,7 @@ class Server:
 
 def make_settings(tmp_path: Path, **kw: Any) -> Settings:
     ns = kw.pop("namespaces", None)
-    s = Settings(data_dir=tmp_path / "data", api_keys=[API_KEY], broker="memory://")
+    s = Settings(data_dir=tmp_path / "data", api_keys=[ApiKey("test", API_KEY, "admin")], broker="memory://")
     s.namespaces = {
         "chat": Namespace("chat", publish=True, join_leave=True),
         "pub": Namespace("pub", publish=True),
@@ -84,7 +85,9 @@ async def start_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
 
     async def start(sock: socket.socket | None = None, **kw: Any) -> Server:
         settings = kw.pop("settings", None) or make_settings(tmp_path, **kw)
-        runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=2)
+        runner = make_runner(
+            create_app(settings), settings.header_timeout, access_log=None, shutdown_timeout=2
+        )
         await runner.setup()
         sock = sock or bound_socket()
         site = web.SockSite(runner, sock)

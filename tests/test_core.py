@@ -27,7 +27,8 @@ async def publish(session: aiohttp.ClientSession, srv: Server, channel: str, dat
 @pytest.fixture(params=["memory", "sqlite"])
 async def any_server(request: pytest.FixtureRequest, start_server: ServerFactory, tmp_path: Any) -> Server:
     broker = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/t.db"
-    return await start_server(broker=broker)
+    # This suite pushes hundreds of commands per second through one connection: lift the rate limits.
+    return await start_server(broker=broker, client_rate=0.0, user_rate=0.0)
 
 
 async def test_fanout_many_subscribers_several_channels(
@@ -234,7 +235,7 @@ async def _read_frames_until_close(reader: asyncio.StreamReader) -> tuple[int, l
 async def test_slow_consumer_is_cut_off_and_others_unaffected(
     start_server: ServerFactory, probe: ProbeFactory
 ) -> None:
-    srv = await start_server(max_buffer=64 * 1024)
+    srv = await start_server(max_buffer=64 * 1024, client_rate=0.0, user_rate=0.0)
     good = await probe(srv)
     await good.ok("subscribe", channel="pub:slow")
     reader, writer = await _raw_ws_no_read(srv.port)

@@ -1,14 +1,206 @@
-"""API keys (and, later, tokens and channel permissions)."""
+"""Identities, tokens, API keys and channel permissions.
+
+* Connection tokens: JWT (HS256 with ``token_secret``; RS256/ES256 with ``token_public_key`` or a JWKS file)
+  carrying ``sub`` (the user id), ``exp``, optional ``info`` and optional ``channels`` (glob patterns).
+* Subscription tokens: a JWT whose ``channel`` claim names one channel (and whose ``sub`` is the
+  connection's user), so a backend can grant one private channel without granting all.
+* API keys: named, each with a role (``publish``, ``read``, ``admin``), compared in constant time.
+
+Nothing here logs a token or a key.
+"""
 
 from __future__ import annotations
 
+import hmac
+import json
 import os
 import secrets
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any, Literal
 
-__all__ = ["API_KEY_FILE", "ensure_api_key", "read_api_key"]
+import jwt
+
+from .config import ApiKey, Namespace, Settings
+from .protocol import ErrorCode, ProtocolError
+
+__all__ = [
+    "ANONYMOUS",
+    "API_KEY_FILE",
+    "Action",
+    "Identity",
+    "TokenError",
+    "TokenVerifier",
+    "check_permission",
+    "ensure_api_key",
+    "find_api_key",
+    "read_api_key",
+]
 
 API_KEY_FILE = "api-key"
+Action = Literal["subscribe", "publish", "history", "presence"]
+HMAC_ALGS = ("HS256", "HS384", "HS512")
+PUBLIC_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user: str = ""  # "" is anonymous
+    info: dict[str, Any] | None = None
+    channels: tuple[str, ...] | None = None  # patterns the token limits the connection to
+    expires: float | None = None  # Unix time the connection token expires
+
+    @property
+    def anonymous(self) -> bool:
+        return not self.user
+
+    def allows(self, channel: str) -> bool:
+        return self.channels is not None and any(fnmatchcase(channel, p) for p in self.channels)
+
+
+ANONYMOUS = Identity()
+
+
+class TokenError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class TokenVerifier:
+    """Checks JWTs against the configured keys. Only algorithms with a configured key are accepted
+    (so ``alg: none`` and HS/RS confusion are refused)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.audience = settings.token_audience or None
+        self.issuer = settings.token_issuer or None
+        self._secret = settings.token_secret or None
+        self._public: Any = None
+        self._jwks: jwt.PyJWKSet | None = None
+        if settings.token_public_key:
+            self._public = Path(settings.token_public_key).read_bytes()  # PEM; PyJWT loads it per algorithm
+        if settings.token_jwks:
+            self._jwks = jwt.PyJWKSet.from_dict(json.loads(Path(settings.token_jwks).read_text()))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._secret or self._public or self._jwks)
+
+    def _key_for(self, header: dict[str, Any]) -> tuple[Any, str]:
+        alg = header.get("alg")
+        if not isinstance(alg, str):
+            raise TokenError(ErrorCode.UNAUTHORIZED, "token has no algorithm")
+        if alg in HMAC_ALGS and self._secret:
+            return self._secret, alg
+        if alg in PUBLIC_ALGS:
+            if self._jwks is not None:
+                kid = header.get("kid")
+                for k in self._jwks.keys:
+                    if kid is None or k.key_id == kid:
+                        return k.key, alg
+                raise TokenError(ErrorCode.UNAUTHORIZED, "token key id not found in the JWKS")
+            if self._public is not None:
+                return self._public, alg
+        raise TokenError(ErrorCode.UNAUTHORIZED, f"token algorithm {alg[:16]!r} is not accepted here")
+
+    def decode(self, token: str, require: list[str]) -> dict[str, Any]:
+        if not self.enabled:
+            raise TokenError(
+                ErrorCode.UNAUTHORIZED, "this server accepts no tokens (no token key configured)"
+            )
+        if not isinstance(token, str) or len(token) > 8192:
+            raise TokenError(ErrorCode.UNAUTHORIZED, "malformed token")
+        try:
+            header = jwt.get_unverified_header(token)
+            key, alg = self._key_for(header)
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": require, "verify_aud": self.audience is not None},
+                leeway=5,
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenError(ErrorCode.TOKEN_EXPIRED, "token expired") from None
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise TokenError(ErrorCode.UNAUTHORIZED, f"invalid token: {type(exc).__name__}") from None
+        return claims
+
+    def connection(self, token: str) -> Identity:
+        claims = self.decode(token, ["sub", "exp"])
+        sub = claims["sub"]
+        if not isinstance(sub, str) or not sub or len(sub) > 255:
+            raise TokenError(ErrorCode.UNAUTHORIZED, "token sub must be a non-empty string")
+        info = claims.get("info")
+        if info is not None and not isinstance(info, dict):
+            raise TokenError(ErrorCode.UNAUTHORIZED, "token info must be an object")
+        chans = claims.get("channels")
+        if chans is not None and (not isinstance(chans, list) or not all(isinstance(c, str) for c in chans)):
+            raise TokenError(ErrorCode.UNAUTHORIZED, "token channels must be a list of strings")
+        return Identity(sub, info, tuple(chans) if chans is not None else None, float(claims["exp"]))
+
+    def subscription(self, token: str, channel: str, identity: Identity) -> float:
+        """Check a subscription token for ``channel``; returns its expiry."""
+        claims = self.decode(token, ["channel", "exp"])
+        if claims.get("channel") != channel:
+            raise TokenError(ErrorCode.PERMISSION_DENIED, "the subscription token is for another channel")
+        if str(claims.get("sub", "")) != identity.user:
+            raise TokenError(ErrorCode.PERMISSION_DENIED, "the subscription token is for another user")
+        return float(claims["exp"])
+
+
+def _deny(rid: int | str | None, message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.PERMISSION_DENIED, message, rid)
+
+
+def check_permission(
+    ns: Namespace,
+    identity: Identity,
+    channel: str,
+    action: Action,
+    *,
+    granted: bool = False,
+    rid: int | str | None = None,
+) -> None:
+    """Raise ``permission_denied`` unless ``identity`` may do ``action`` on ``channel``.
+
+    ``granted``: the connection holds a valid subscription token for this channel.
+    """
+    if granted:
+        if action == "publish" and not ns.publish:
+            raise _deny(rid, f"clients may not publish to namespace {ns.name!r}")
+        return
+    if identity.anonymous and not ns.anonymous:
+        raise _deny(rid, f"namespace {ns.name!r} needs an authenticated connection")
+    if ns.personal:
+        rest = channel[len(ns.name) + 1 :]
+        if identity.anonymous or (rest != identity.user and not rest.startswith(identity.user + "/")):
+            raise _deny(rid, "personal channels are readable only by their user")
+    if identity.channels is not None and not identity.allows(channel):
+        raise _deny(rid, "the connection token does not allow this channel")
+    if ns.subscribe == "authenticated" and identity.anonymous:
+        raise _deny(rid, f"namespace {ns.name!r} needs an authenticated connection")
+    if ns.subscribe == "token" and not identity.allows(channel):
+        raise _deny(rid, f"namespace {ns.name!r} needs a subscription token")
+    if action == "publish" and not ns.publish:
+        raise _deny(rid, f"clients may not publish to namespace {ns.name!r}")
+
+
+# ---------------------------------------------------------------------------------------------- API keys
+
+
+def find_api_key(keys: list[ApiKey], given: str) -> ApiKey | None:
+    """The key matching ``given``, compared in constant time against every configured key."""
+    found: ApiKey | None = None
+    raw = given.encode()
+    for k in keys:
+        if hmac.compare_digest(raw, k.key.encode()):
+            found = k
+    return found
 
 
 def read_api_key(data_dir: Path) -> str | None:

@@ -17,7 +17,7 @@ import orjson
 
 from . import __version__
 from .auth import ensure_api_key, read_api_key
-from .config import ConfigError, Settings, load_settings
+from .config import ApiKey, ConfigError, Settings, load_settings
 from .protocol import StreamPosition
 
 __all__ = ["main"]
@@ -41,14 +41,15 @@ async def serve(settings: Settings, sock: socket.socket | None = None) -> int:
     from aiohttp import web
 
     from .app import create_app
+    from .transports.server import make_runner
 
     key_note = "API keys from configuration"
     if not settings.api_keys:
         key, path, created = ensure_api_key(settings.data_dir)
-        settings.api_keys = [key]
+        settings.api_keys = [ApiKey("generated", key, "admin")]
         key_note = f"API key {'created in' if created else 'in'} {path.resolve()}"
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    runner = make_runner(app, settings.header_timeout, access_log=None, shutdown_timeout=5)
     await runner.setup()
     if sock is not None:
         site: web.BaseSite = web.SockSite(runner, sock)

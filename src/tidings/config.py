@@ -15,7 +15,10 @@ from typing import Any
 from .backends.base import HistoryOptions
 from .protocol import namespace_of
 
-__all__ = ["ConfigError", "Namespace", "Settings", "load_settings"]
+__all__ = ["ApiKey", "ConfigError", "Namespace", "Settings", "load_settings"]
+
+API_ROLES = ("publish", "read", "admin")
+SUBSCRIBE_RULES = ("anyone", "authenticated", "token")
 
 
 class ConfigError(ValueError):
@@ -27,7 +30,9 @@ class Namespace:
     """Rules for the channels ``<name>:...``."""
 
     name: str
-    anonymous: bool = True  # anonymous connections may subscribe and read history
+    anonymous: bool = True  # anonymous connections may use this namespace at all
+    subscribe: str = "anyone"  # who may subscribe/read: anyone | authenticated | token
+    personal: bool = False  # "<ns>:<user>" channels belong to that user alone
     publish: bool = False  # clients may publish over /ws (the HTTP API always may)
     history_size: int = 200
     history_ttl: float = 86400.0
@@ -43,9 +48,26 @@ class Namespace:
 _NS_KEYS = {f.name for f in fields(Namespace)} - {"name"}
 
 
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A named HTTP API key with one role: publish (publish, broadcast), read (history, channels,
+    presence) or admin (everything)."""
+
+    name: str
+    key: str = field(repr=False)
+    role: str = "admin"
+
+    def may(self, role: str) -> bool:
+        return self.role == "admin" or self.role == role
+
+
 def _default_namespaces() -> dict[str, Namespace]:
-    # The chat namespace works out of the box for the page, /chatsocket and anonymous clients.
-    return {"chat": Namespace("chat", anonymous=True, publish=True, history_size=200, join_leave=True)}
+    return {
+        # Works out of the box for the chat page, /chatsocket and anonymous clients.
+        "chat": Namespace("chat", anonymous=True, publish=True, history_size=200, join_leave=True),
+        # Personal channels user:<id>: only that user reads them; the backend publishes.
+        "user": Namespace("user", anonymous=False, personal=True, publish=False, presence=False),
+    }
 
 
 @dataclass(slots=True)
@@ -54,12 +76,30 @@ class Settings:
     port: int = 8888
     data_dir: Path = Path("tidings-data")
     broker: str = ""  # "" = sqlite:///<data_dir>/tidings.db
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: list[ApiKey] = field(default_factory=list)
     allowed_origins: list[str] = field(default_factory=list)
-    max_message_size: int = 65536  # bytes of one incoming WebSocket message
+    trusted_proxies: list[str] = field(default_factory=list)
+    # Tokens
+    token_secret: str = field(default="", repr=False)
+    token_public_key: str = ""  # path to a PEM public key (RS256/ES256/...)
+    token_jwks: str = ""  # path to a JWKS file
+    token_audience: str = ""
+    token_issuer: str = ""
+    allow_anonymous: bool = True
+    auth_timeout: float = 10.0
+    # Limits
+    max_message_size: int = 65536  # bytes of one incoming WebSocket message (decompressed)
     max_http_body: int = 1 << 20
     max_buffer: int = 1 << 20  # bytes queued for one connection before it is cut off as slow
+    max_connections: int = 100_000
+    max_connections_per_ip: int = 1000
+    max_subscriptions: int = 512
+    client_rate: float = 100.0  # commands per second per connection (burst: twice that)
+    user_rate: float = 200.0  # commands per second per user over all their connections
+    api_failures_per_minute: int = 10  # failed API key attempts per address before 429
+    header_timeout: float = 10.0  # seconds to send the request headers
     ping_interval: float = 25.0
+    compression: bool = False
     sqlite_synchronous: str = "normal"
     log_level: str = "info"
     namespaces: dict[str, Namespace] = field(default_factory=_default_namespaces)
@@ -80,17 +120,62 @@ _SCALARS: dict[str, type] = {
     "port": int,
     "data_dir": Path,
     "broker": str,
+    "token_secret": str,
+    "token_public_key": str,
+    "token_jwks": str,
+    "token_audience": str,
+    "token_issuer": str,
+    "allow_anonymous": bool,
+    "auth_timeout": float,
     "max_message_size": int,
     "max_http_body": int,
     "max_buffer": int,
+    "max_connections": int,
+    "max_connections_per_ip": int,
+    "max_subscriptions": int,
+    "client_rate": float,
+    "user_rate": float,
+    "api_failures_per_minute": int,
+    "header_timeout": float,
     "ping_interval": float,
+    "compression": bool,
     "sqlite_synchronous": str,
     "log_level": str,
 }
-_LISTS = {"api_keys", "allowed_origins"}
+_LISTS = {"api_keys", "allowed_origins", "trusted_proxies"}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _api_keys(value: Any) -> list[ApiKey]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError("api_keys must be a list")
+    keys: list[ApiKey] = []
+    for i, item in enumerate(value, 1):
+        if isinstance(item, ApiKey):
+            keys.append(item)
+        elif isinstance(item, str):
+            keys.append(ApiKey(f"key{i}", item, "admin"))
+        elif isinstance(item, dict) and isinstance(item.get("key"), str):
+            role = item.get("role", "admin")
+            if role not in API_ROLES:
+                raise ConfigError(f"api_keys[{i}].role must be one of {', '.join(API_ROLES)}")
+            unknown = set(item) - {"name", "key", "role"}
+            if unknown:
+                raise ConfigError(f"api_keys[{i}]: unknown option(s) {', '.join(sorted(unknown))}")
+            keys.append(ApiKey(str(item.get("name", f"key{i}")), item["key"], role))
+        else:
+            raise ConfigError(f"api_keys[{i}] must be a string or a table with name, key and role")
+        if len(keys[-1].key) < 16:
+            raise ConfigError(f"api key {keys[-1].name!r} is shorter than 16 characters")
+    return keys
 
 
 def _coerce(name: str, value: Any) -> Any:
+    if name == "api_keys":
+        return _api_keys(value)
     if name in _LISTS:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
@@ -98,6 +183,12 @@ def _coerce(name: str, value: Any) -> Any:
             return list(value)
         raise ConfigError(f"{name} must be a list of strings")
     typ = _SCALARS[name]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{name} must be true or false")
     try:
         if typ is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
             raise ValueError
@@ -109,13 +200,13 @@ def _coerce(name: str, value: Any) -> Any:
     return out
 
 
-def _namespace(name: str, raw: Any) -> Namespace:
+def _namespace(name: str, raw: Any, base: Namespace | None = None) -> Namespace:
     if not isinstance(raw, dict):
         raise ConfigError(f"namespaces.{name} must be a table")
     unknown = set(raw) - _NS_KEYS
     if unknown:
         raise ConfigError(f"namespaces.{name}: unknown option(s) {', '.join(sorted(unknown))}")
-    ns = Namespace(name)
+    ns = base or Namespace(name)
     for key, value in raw.items():
         want = type(getattr(ns, key)) if getattr(ns, key) is not None else int
         if want is float and isinstance(value, int) and not isinstance(value, bool):
@@ -123,6 +214,8 @@ def _namespace(name: str, raw: Any) -> Namespace:
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise ConfigError(f"namespaces.{name}.{key} must be {want.__name__}")
         ns = replace(ns, **{key: value})  # type: ignore[arg-type]
+    if ns.subscribe not in SUBSCRIBE_RULES:
+        raise ConfigError(f"namespaces.{name}.subscribe must be one of {', '.join(SUBSCRIBE_RULES)}")
     return ns
 
 
@@ -149,7 +242,11 @@ def load_settings(
         if namespaces is not None:
             if not isinstance(namespaces, dict):
                 raise ConfigError("namespaces must be a table")
-            s.namespaces = {name: _namespace(name, ns) for name, ns in namespaces.items()}
+            # Listed namespaces start from the shipped ones of the same name (chat, user) and override them.
+            s.namespaces = {
+                **s.namespaces,
+                **{name: _namespace(name, ns, s.namespaces.get(name)) for name, ns in namespaces.items()},
+            }
         if default_ns is not ...:
             s.default_namespace = None if default_ns is False else _namespace("", default_ns)
     for key in (*_SCALARS, *_LISTS):

@@ -9,10 +9,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .auth import TokenVerifier
 from .backends.base import Broker, HistoryResult
 from .config import Namespace, Settings
 from .history import can_recover
 from .hub import Hub, Sink
+from .limits import ConnectionLimiter, FailureLimiter, RateLimiter, parse_networks
 from .protocol import ErrorCode, ProtocolError, Publication, StreamPosition, is_valid_channel
 
 __all__ = ["NODE", "Node"]
@@ -25,6 +27,11 @@ class Node:
         self.hub = Hub(max_pending_bytes=settings.max_buffer)
         self.connections: set[Sink] = set()
         self.started = time.time()
+        self.tokens = TokenVerifier(settings)
+        self.conn_limits = ConnectionLimiter(settings.max_connections, settings.max_connections_per_ip)
+        self.user_rates = RateLimiter(settings.user_rate, settings.user_rate * 2)
+        self.auth_failures = FailureLimiter(settings.api_failures_per_minute)
+        self.trusted_proxies = parse_networks(settings.trusted_proxies)
 
     async def start(self) -> None:
         await self.broker.start(self.hub.deliver)

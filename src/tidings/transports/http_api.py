@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from ..auth import find_api_key
 from ..backends.base import BrokerError
+from ..limits import client_ip
 from ..node import NODE, Node
+from ..presence import presence
 from ..protocol import HTTP_STATUS, ErrorCode, ProtocolError, Publication, StreamPosition
 from ..protocol.messages import MAX_HISTORY_LIMIT
 
@@ -22,11 +24,14 @@ MAX_BROADCAST_CHANNELS = 1000
 
 
 class ApiError(Exception):
-    def __init__(self, code: ErrorCode, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, status: int | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status or HTTP_STATUS[code]
+        self.headers = headers or {}
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
@@ -54,7 +59,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.code, exc.message, exc.status)
+        resp = error_response(exc.code, exc.message, exc.status)
+        resp.headers.update(exc.headers)
+        return resp
     except ProtocolError as exc:
         return error_response(exc.code, exc.message)
     except BrokerError as exc:
@@ -72,17 +79,25 @@ def _node(request: web.Request) -> Node:
     return request.app[NODE]
 
 
-def _check_key(request: web.Request) -> None:
+def _check_key(request: web.Request, role: str) -> None:
+    """Bearer API key with ``role`` (or admin). Addresses that keep failing get 429 for a while."""
+    node = _node(request)
+    ip = client_ip(request, node.trusted_proxies)
+    wait = node.auth_failures.blocked_for(ip)
+    if wait > 0:
+        raise ApiError(
+            ErrorCode.RATE_LIMITED,
+            "too many failed API key attempts from this address",
+            headers={"Retry-After": str(int(wait) + 1)},
+        )
     header = request.headers.get("Authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key:
-        raise ApiError(ErrorCode.UNAUTHORIZED, "send Authorization: Bearer <api key>")
-    given = key.strip().encode()
-    ok = False
-    for k in _node(request).settings.api_keys:
-        ok |= hmac.compare_digest(given, k.encode())  # no early exit: constant time over keys
-    if not ok:
-        raise ApiError(ErrorCode.UNAUTHORIZED, "invalid API key")
+    scheme, _, given = header.partition(" ")
+    key = find_api_key(node.settings.api_keys, given.strip()) if scheme.lower() == "bearer" else None
+    if key is None:
+        node.auth_failures.fail(ip)
+        raise ApiError(ErrorCode.UNAUTHORIZED, "send Authorization: Bearer <a valid API key>")
+    if not key.may(role):
+        raise ApiError(ErrorCode.PERMISSION_DENIED, f"API key {key.name!r} may not {role}")
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -108,7 +123,7 @@ def _info(body: dict[str, Any]) -> dict[str, Any] | None:
 
 
 async def publish(request: web.Request) -> web.Response:
-    _check_key(request)
+    _check_key(request, "publish")
     body = await _json_body(request)
     if "data" not in body:
         raise ApiError(ErrorCode.INVALID_FIELD, "data is required")
@@ -121,7 +136,7 @@ async def publish(request: web.Request) -> web.Response:
 
 
 async def broadcast(request: web.Request) -> web.Response:
-    _check_key(request)
+    _check_key(request, "publish")
     body = await _json_body(request)
     channels = body.get("channels")
     if not isinstance(channels, list) or not channels or len(channels) > MAX_BROADCAST_CHANNELS:
@@ -166,7 +181,7 @@ def _int_param(request: web.Request, name: str, lo: int, hi: int) -> int | None:
 
 
 async def history(request: web.Request) -> web.Response:
-    _check_key(request)
+    _check_key(request, "read")
     channel = request.match_info["channel"]
     node = _node(request)
     ns = node.namespace(channel)
@@ -187,8 +202,19 @@ async def history(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+async def presence_api(request: web.Request) -> web.Response:
+    _check_key(request, "read")
+    channel = request.match_info["channel"]
+    node = _node(request)
+    ns = node.namespace(channel)
+    if not ns.presence:
+        raise ApiError(ErrorCode.NOT_AVAILABLE, f"presence is off in namespace {ns.name!r}")
+    clients = presence(node.hub, channel)
+    return json_response({"clients": clients, "count": len(clients)})
+
+
 async def channels(request: web.Request) -> web.Response:
-    _check_key(request)
+    _check_key(request, "read")
     hub = _node(request).hub
     return json_response(
         {"channels": [{"channel": ch, "subscribers": n} for ch, n in sorted(hub.channels().items())]}
@@ -206,5 +232,6 @@ def api_routes() -> list[web.RouteDef]:
         web.post("/api/broadcast", broadcast),
         web.get("/api/channels", channels),
         web.get(r"/api/channels/{channel:.+}/history", history),
+        web.get(r"/api/channels/{channel:.+}/presence", presence_api),
         web.get("/healthz", healthz),
     ]

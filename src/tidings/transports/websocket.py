@@ -6,13 +6,17 @@ import asyncio
 import itertools
 import logging
 import secrets
+import time
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from ..auth import ANONYMOUS, Action, TokenError, check_permission
 from ..backends.base import BrokerError
+from ..config import Namespace
 from ..history import subscribe_with_replay
 from ..hub import frame_of
+from ..limits import TokenBucket, client_ip
 from ..node import NODE, Node
 from ..presence import join_leave_event, presence
 from ..protocol import (
@@ -47,6 +51,7 @@ log = logging.getLogger("tidings.ws")
 _ids = itertools.count(1)
 CLOSE_GRACE = 5.0  # seconds a closing peer gets to take its last frames before the socket is aborted
 MAX_BAD_FRAMES = 100  # malformed frames in a row before the connection is closed with 4400
+MAX_REFUSED = 50  # rate-limited commands in a row before the connection is closed with 4030
 
 
 class WsConnection:
@@ -54,36 +59,52 @@ class WsConnection:
 
     __slots__ = (
         "_abort_handle",
+        "_auth_handle",
         "_bad",
         "_buffer",
         "_buffered",
         "_close_task",
         "_closing",
+        "_expiry_handle",
         "_flusher",
+        "_refused",
         "_ws",
+        "bucket",
         "channels",
         "client_id",
+        "granted",
+        "identity",
+        "ip",
         "node",
-        "peer",
         "transport",
-        "user",
     )
 
-    def __init__(self, node: Node, ws: web.WebSocketResponse, request: web.Request, flusher: Flusher) -> None:
+    def __init__(
+        self, node: Node, ws: web.WebSocketResponse, request: web.Request, flusher: Flusher, ip: str
+    ) -> None:
         self.node = node
         self._ws = ws
         self.transport = request.transport
-        self.peer = request.remote or "?"
+        self.ip = ip
         self._flusher = flusher
         self.client_id = f"{next(_ids):x}-{secrets.token_hex(4)}"
-        self.user = ""
+        self.identity = ANONYMOUS
+        self.granted: dict[str, float] = {}  # channel -> expiry of its subscription token
         self.channels: set[str] = set()
+        self.bucket = TokenBucket(node.settings.client_rate, node.settings.client_rate * 2)
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._closing = False
         self._bad = 0
+        self._refused = 0
         self._abort_handle: asyncio.TimerHandle | None = None
+        self._auth_handle: asyncio.TimerHandle | None = None
+        self._expiry_handle: asyncio.TimerHandle | None = None
         self._close_task: asyncio.Task[bool] | None = None
+
+    @property
+    def user(self) -> str:
+        return self.identity.user
 
     # ------------------------------------------------------------------------------ Sink
 
@@ -119,7 +140,7 @@ class WsConnection:
         self._closing = True
         reason = reason or CLOSE_REASONS.get(code, "")
         if code != CloseCode.NORMAL:
-            log.info("closing %s (%s): %d %s", self.client_id, self.peer, code, reason)
+            log.info("closing %s (%s): %d %s", self.client_id, self.ip, code, reason)
         # The disconnect push goes out even past the buffer limit: it is the last thing this peer gets.
         self._buffer.append(text_frame(disconnect_push(int(code), reason, code.reconnect)))
         self.flush()
@@ -152,6 +173,14 @@ class WsConnection:
             self.reply_error(exc.id, exc.code, exc.message)
             return
         self._bad = 0
+        if not (self.bucket.take() and self.node.user_rates.take(self.user or self.client_id)):
+            self._refused += 1
+            if self._refused > MAX_REFUSED:
+                self.close(CloseCode.RATE_LIMITED)
+            else:
+                self.reply_error(cmd.id, ErrorCode.RATE_LIMITED, "too many commands; slow down")
+            return
+        self._refused = 0
         try:
             await self.dispatch(cmd)
         except ProtocolError as exc:
@@ -160,6 +189,14 @@ class WsConnection:
             self.reply_error(cmd.id, ErrorCode.UNAVAILABLE, str(exc))
 
     async def dispatch(self, cmd: Command) -> None:
+        if isinstance(cmd, ConnectCmd):
+            self.connect(cmd)
+            return
+        if isinstance(cmd, PingCmd):
+            self._send(encode_ok(cmd.id))
+            return
+        if self.identity.anonymous and not self.node.settings.allow_anonymous:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "send connect with a token first", cmd.id)
         if isinstance(cmd, PublishCmd):
             self.publish(cmd)
         elif isinstance(cmd, SubscribeCmd):
@@ -170,18 +207,74 @@ class WsConnection:
             await self.history(cmd)
         elif isinstance(cmd, PresenceCmd):
             self.presence(cmd)
-        elif isinstance(cmd, PingCmd):
-            self._send(encode_ok(cmd.id))
-        elif isinstance(cmd, ConnectCmd):
-            self._send(encode_ok(cmd.id, {"client": self.client_id, "version": PROTOCOL_VERSION}))
+
+    # ------------------------------------------------------------------------------ auth
+
+    def authenticate(self, token: str) -> None:
+        """Verify a connection token; on failure count it against the address and raise TokenError."""
+        try:
+            identity = self.node.tokens.connection(token)
+        except TokenError:
+            self.node.auth_failures.fail(self.ip)
+            raise
+        if not self.identity.anonymous and identity.user != self.identity.user:
+            raise TokenError(ErrorCode.PERMISSION_DENIED, "a connection cannot change its user")
+        self.identity = identity
+        if self._auth_handle is not None:
+            self._auth_handle.cancel()
+            self._auth_handle = None
+        if self._expiry_handle is not None:
+            self._expiry_handle.cancel()
+        if identity.expires is not None:
+            delay = max(0.0, identity.expires - time.time())
+            self._expiry_handle = asyncio.get_running_loop().call_later(
+                delay, self.close, CloseCode.TOKEN_EXPIRED
+            )
+
+    def connect(self, cmd: ConnectCmd) -> None:
+        if cmd.token is None:
+            if not self.node.settings.allow_anonymous:
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, "a token is required", cmd.id)
+        else:
+            try:
+                self.authenticate(cmd.token)
+            except TokenError as exc:
+                self.reply_error(cmd.id, exc.code, exc.message)
+                if exc.code is not ErrorCode.PERMISSION_DENIED:
+                    self.close(
+                        CloseCode.TOKEN_EXPIRED
+                        if exc.code is ErrorCode.TOKEN_EXPIRED
+                        else CloseCode.UNAUTHORIZED
+                    )
+                return
+        result: dict[str, Any] = {"client": self.client_id, "version": PROTOCOL_VERSION, "user": self.user}
+        if self.identity.expires is not None:
+            result["expires"] = int(self.identity.expires)
+        self._send(encode_ok(cmd.id, result))
+
+    def _granted(self, channel: str) -> bool:
+        exp = self.granted.get(channel)
+        if exp is None:
+            return False
+        if exp < time.time():
+            del self.granted[channel]
+            return False
+        return True
+
+    def _allow(self, ns: Namespace, channel: str, action: Action, rid: int | str | None) -> None:
+        check_permission(ns, self.identity, channel, action, granted=self._granted(channel), rid=rid)
+
+    # ------------------------------------------------------------------------------ ops
 
     def publish(self, cmd: PublishCmd) -> None:
         ns = self.node.namespace(cmd.channel, cmd.id)
-        if not ns.publish:
-            raise ProtocolError(
-                ErrorCode.PERMISSION_DENIED, f"clients may not publish to namespace {ns.name!r}", cmd.id
-            )
-        fut = self.node.publish(cmd.channel, cmd.data, ns, rid=cmd.id)
+        self._allow(ns, cmd.channel, "publish", cmd.id)
+        info: dict[str, Any] | None = None
+        if self.user:
+            info = {"user": self.user, "client": self.client_id}
+            if self.identity.info:
+                info["info"] = self.identity.info
+        fut = self.node.publish(cmd.channel, cmd.data, ns, info, rid=cmd.id)
         rid = cmd.id
 
         def done(f: asyncio.Future[Publication]) -> None:
@@ -198,9 +291,21 @@ class WsConnection:
 
     async def subscribe(self, cmd: SubscribeCmd) -> None:
         ns = self.node.namespace(cmd.channel, cmd.id)
-        if not ns.anonymous and not self.user:
+        if cmd.token is not None:
+            try:
+                self.granted[cmd.channel] = self.node.tokens.subscription(
+                    cmd.token, cmd.channel, self.identity
+                )
+            except TokenError as exc:
+                if exc.code is not ErrorCode.PERMISSION_DENIED:
+                    self.node.auth_failures.fail(self.ip)
+                raise ProtocolError(exc.code, exc.message, cmd.id) from None
+        self._allow(ns, cmd.channel, "subscribe", cmd.id)
+        if cmd.channel not in self.channels and len(self.channels) >= self.node.settings.max_subscriptions:
             raise ProtocolError(
-                ErrorCode.PERMISSION_DENIED, "this namespace needs an authenticated user", cmd.id
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {self.node.settings.max_subscriptions} subscriptions per connection",
+                cmd.id,
             )
         hub = self.node.hub
         outcome = await subscribe_with_replay(hub, self.node.broker, cmd.channel, self, ns.history, cmd.since)
@@ -234,10 +339,7 @@ class WsConnection:
 
     async def history(self, cmd: HistoryCmd) -> None:
         ns = self.node.namespace(cmd.channel, cmd.id)
-        if not ns.anonymous and not self.user:
-            raise ProtocolError(
-                ErrorCode.PERMISSION_DENIED, "this namespace needs an authenticated user", cmd.id
-            )
+        self._allow(ns, cmd.channel, "history", cmd.id)
         if ns.history_size <= 0:
             raise ProtocolError(ErrorCode.NOT_AVAILABLE, f"namespace {ns.name!r} keeps no history", cmd.id)
         res, recovered = await self.node.history(cmd.channel, ns, cmd.since, cmd.limit)
@@ -251,12 +353,9 @@ class WsConnection:
 
     def presence(self, cmd: PresenceCmd) -> None:
         ns = self.node.namespace(cmd.channel, cmd.id)
+        self._allow(ns, cmd.channel, "presence", cmd.id)
         if not ns.presence:
             raise ProtocolError(ErrorCode.NOT_AVAILABLE, f"presence is off in namespace {ns.name!r}", cmd.id)
-        if not ns.anonymous and not self.user:
-            raise ProtocolError(
-                ErrorCode.PERMISSION_DENIED, "this namespace needs an authenticated user", cmd.id
-            )
         clients = presence(self.node.hub, cmd.channel)
         self._send(encode_ok(cmd.id, {"clients": clients, "count": len(clients)}))
 
@@ -279,24 +378,49 @@ class WsConnection:
                 hub.broadcast_raw(channel, join_leave_event("leave", channel, self))
         self.channels.clear()
         self._closing = True
-        if self._abort_handle is not None:
-            self._abort_handle.cancel()
+        for handle in (self._abort_handle, self._auth_handle, self._expiry_handle):
+            if handle is not None:
+                handle.cancel()
 
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
-    if not origin_allowed(request, node.settings.allowed_origins):
+    settings = node.settings
+    if not origin_allowed(request, settings.allowed_origins):
         raise web.HTTPForbidden(text="cross-origin WebSocket refused\n")
+    ip = client_ip(request, node.trusted_proxies)
+    wait = node.auth_failures.blocked_for(ip)
+    if wait > 0:
+        raise web.HTTPTooManyRequests(
+            text="too many failed authentications\n", headers={"Retry-After": str(int(wait) + 1)}
+        )
     ws = web.WebSocketResponse(
-        max_msg_size=node.settings.max_message_size,
-        heartbeat=node.settings.ping_interval or None,
+        max_msg_size=settings.max_message_size,
+        heartbeat=settings.ping_interval or None,
         autoping=True,
-        compress=False,
+        compress=settings.compression,
     )
     await ws.prepare(request)
-    conn = WsConnection(node, ws, request, request.app[FLUSHER])
+    if not node.conn_limits.acquire(ip):
+        reason = CLOSE_REASONS[CloseCode.TOO_MANY_CONNECTIONS]
+        await ws.send_str(disconnect_push(int(CloseCode.TOO_MANY_CONNECTIONS), reason, True).decode())
+        await ws.close(code=int(CloseCode.TOO_MANY_CONNECTIONS), message=reason.encode())
+        return ws
+    conn = WsConnection(node, ws, request, request.app[FLUSHER], ip)
     node.connections.add(conn)
     try:
+        token = request.query.get("token")
+        if token is not None:
+            try:
+                conn.authenticate(token)
+            except TokenError as exc:
+                conn.close(
+                    CloseCode.TOKEN_EXPIRED if exc.code is ErrorCode.TOKEN_EXPIRED else CloseCode.UNAUTHORIZED
+                )
+        elif not settings.allow_anonymous:
+            conn._auth_handle = asyncio.get_running_loop().call_later(
+                settings.auth_timeout, conn.close, CloseCode.AUTH_TIMEOUT
+            )
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 await conn.handle_text(msg.data)
@@ -306,9 +430,10 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
             else:
                 break
         if ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
-            log.info("closed %s (%s): message too big", conn.client_id, conn.peer)
+            log.info("closed %s (%s): message too big", conn.client_id, conn.ip)
         await conn.wait_closed()
     finally:
         node.connections.discard(conn)
+        node.conn_limits.release(ip)
         conn.detach()
     return ws
