@@ -410,6 +410,7 @@ async def start_server(cfg: Cfg, broker: str) -> Server:
     argv = [*taskset(cfg.server_cpu), *shlex.split(cmd)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("TIDINGS_CONFIG", str(REPO / "bench" / "tidings-bench.toml"))
     log = Path(data_dir) / "server.log"
     logf = _open_log(log)
     proc = await asyncio.create_subprocess_exec(
