@@ -641,7 +641,7 @@ async def test_http_bad_body(
     await witness.check()
 
 
-# A missing channel is invalid_channel on the HTTP API (the WebSocket parser says invalid_field).
+# A missing channel is invalid_field on the HTTP API as on the WebSocket; a wrong one invalid_channel.
 HTTP_BAD_CHANNELS: list[tuple[str, Any]] = [
     ("missing", ...),
     ("null", None),
@@ -659,8 +659,29 @@ async def test_http_publish_bad_channel(
     if channel is not ...:
         body["channel"] = channel
     result = await http(session, "POST", f"{server.http}/api/publish", body=orjson.dumps(body))
-    assert_http_error(result, 400, ErrorCode.INVALID_CHANNEL)
+    missing = channel is ... or channel is None
+    assert_http_error(result, 400, ErrorCode.INVALID_FIELD if missing else ErrorCode.INVALID_CHANNEL)
     await witness.check()
+
+
+async def test_http_history_of_namespace_without_history(
+    start_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    srv = await start_server(namespaces={"nohist": Namespace("nohist", history_size=0)})
+    result = await http(session, "GET", f"{srv.http}/api/channels/nohist:x/history")
+    assert_http_error(result, 404, ErrorCode.NOT_AVAILABLE)
+
+
+async def test_http_history_empty_epoch_counts_as_absent(
+    server: Server, session: aiohttp.ClientSession
+) -> None:
+    for i in range(3):
+        await http(
+            session, "POST", f"{server.http}/api/publish", body=orjson.dumps({"channel": "pub:e", "data": i})
+        )
+    status, _, body = await http(session, "GET", f"{server.http}/api/channels/pub:e/history?since=1&epoch=")
+    assert status == 200 and body["recovered"] is True
+    assert [p["offset"] for p in body["publications"]] == [2, 3]
 
 
 @pytest.mark.parametrize(
@@ -756,7 +777,7 @@ async def test_http_broadcast_bad_entries_are_reported_per_channel(
         "ok",
         ErrorCode.INVALID_CHANNEL.value,
         ErrorCode.INVALID_CHANNEL.value,
-        ErrorCode.INVALID_CHANNEL.value,
+        ErrorCode.INVALID_FIELD.value,  # null: no channel at all, as everywhere
         ErrorCode.INVALID_CHANNEL.value,
         ErrorCode.UNKNOWN_NAMESPACE.value,
         "ok",  # the HTTP API may publish where clients may not

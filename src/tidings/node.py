@@ -40,7 +40,9 @@ class Node:
         await self.broker.close()
 
     def namespace(self, channel: object, rid: int | str | None = None) -> Namespace:
-        """The rules for ``channel``, or ProtocolError(invalid_channel / unknown_namespace)."""
+        """The rules for ``channel``; ProtocolError invalid_field, invalid_channel or unknown_namespace."""
+        if channel is None:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "channel is required", rid)
         if not is_valid_channel(channel):
             raise ProtocolError(
                 ErrorCode.INVALID_CHANNEL,
@@ -74,6 +76,8 @@ class Node:
         self, channel: str, ns: Namespace, since: StreamPosition | None, limit: int | None
     ) -> tuple[HistoryResult, bool | None]:
         """History for a reader; with ``since`` also whether it was complete (the recovery verdict)."""
+        if ns.history_size <= 0:
+            raise ProtocolError(ErrorCode.NOT_AVAILABLE, f"namespace {ns.name!r} keeps no history")
         if since is None:
             return await self.broker.history(channel, ns.history, limit=limit), None
         res = await self.broker.history(channel, ns.history, since=since.offset, limit=limit)

@@ -60,7 +60,9 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001  # server shutting down or restarting
+    PROTOCOL_ERROR = 1002  # malformed WebSocket frame (sent by the WebSocket layer)
     UNSUPPORTED_DATA = 1003  # binary frame on a text protocol
+    INVALID_TEXT = 1007  # a text frame that is not valid UTF-8 (sent by the WebSocket layer)
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009  # frame or decompressed message above the limit
     INTERNAL_ERROR = 1011
@@ -92,6 +94,8 @@ _RECONNECT = frozenset(
 CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.NORMAL: "normal closure",
     CloseCode.GOING_AWAY: "server going away",
+    CloseCode.PROTOCOL_ERROR: "protocol error",
+    CloseCode.INVALID_TEXT: "invalid UTF-8 text",
     CloseCode.UNSUPPORTED_DATA: "binary frames are not supported",
     CloseCode.POLICY_VIOLATION: "policy violation",
     CloseCode.MESSAGE_TOO_BIG: "message too big",

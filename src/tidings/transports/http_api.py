@@ -187,14 +187,14 @@ async def history(request: web.Request) -> web.Response:
     ns = node.namespace(channel)
     limit = _int_param(request, "limit", 1, MAX_HISTORY_LIMIT)
     since_off = _int_param(request, "since", 0, 2**63 - 1)
-    epoch = request.query.get("epoch")
+    epoch = request.query.get("epoch") or None  # an empty value counts as absent
     if since_off is None and epoch is not None:
         raise ApiError(ErrorCode.INVALID_FIELD, "epoch goes with since")
-    since = None if since_off is None else StreamPosition(since_off, epoch or "")
-    if since is not None and epoch is None:
-        # No epoch given: trust the offset against the current epoch.
-        top = (await node.broker.history(channel, ns.history, limit=0)).position
-        since = StreamPosition(since_off or 0, top.epoch)
+    since = None
+    if since_off is not None:
+        if epoch is None:  # no epoch given: the offset is taken in the channel's current epoch
+            epoch = (await node.broker.history(channel, ns.history, limit=0)).position.epoch
+        since = StreamPosition(since_off, epoch)
     res, recovered = await node.history(channel, ns, since, limit)
     out: dict[str, Any] = {"publications": [p.to_json() for p in res.publications], **res.position.to_json()}
     if recovered is not None:

@@ -340,8 +340,6 @@ class WsConnection:
     async def history(self, cmd: HistoryCmd) -> None:
         ns = self.node.namespace(cmd.channel, cmd.id)
         self._allow(ns, cmd.channel, "history", cmd.id)
-        if ns.history_size <= 0:
-            raise ProtocolError(ErrorCode.NOT_AVAILABLE, f"namespace {ns.name!r} keeps no history", cmd.id)
         res, recovered = await self.node.history(cmd.channel, ns, cmd.since, cmd.limit)
         result: dict[str, Any] = {
             "publications": [p.to_json() for p in res.publications],
