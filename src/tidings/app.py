@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 
@@ -15,11 +17,12 @@ from .transports.flush import FLUSHER, Flusher
 from .transports.http_api import api_routes, error_middleware
 from .transports.pages import page_routes, security_headers
 from .transports.seed import CHAT_BRIDGE, ChatBridge, chatsocket_handler, echo_handler
-from .transports.websocket import ws_handler
+from .transports.websocket import HEARTBEAT, Heartbeat, ws_handler
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("tidings")
+SHUTDOWN_GRACE = 3.0
 
 
 def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
@@ -34,6 +37,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     app[NODE] = node
     app[FLUSHER] = Flusher()
     app[CHAT_BRIDGE] = ChatBridge(node)
+    app[HEARTBEAT] = heartbeat = Heartbeat(node, settings.ping_interval)
     app.router.add_routes(api_routes())
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/websocket", echo_handler)
@@ -42,12 +46,18 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
 
     async def on_startup(app: web.Application) -> None:
         await node.start()
+        heartbeat.start()
         gc.collect()
         gc.freeze()  # start-up objects never need scanning again
 
     async def on_shutdown(app: web.Application) -> None:
+        heartbeat.stop()
         for conn in list(node.connections):
             conn.close(CloseCode.GOING_AWAY)
+        # Give peers a moment to answer the close frame; each connection aborts itself after its grace.
+        if node.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(node.drained.wait(), SHUTDOWN_GRACE)
 
     async def on_cleanup(app: web.Application) -> None:
         await node.close()

@@ -132,6 +132,10 @@ class TokenVerifier:
 
     def connection(self, token: str) -> Identity:
         claims = self.decode(token, ["sub", "exp"])
+        if "channel" in claims:
+            # A subscription token (one channel, for one user) must not pass as a connection token: it
+            # would carry no `channels` limit and could outlive the user's real connection token.
+            raise TokenError(ErrorCode.UNAUTHORIZED, "a subscription token is not a connection token")
         sub = claims["sub"]
         if not isinstance(sub, str) or not sub or len(sub) > 255:
             raise TokenError(ErrorCode.UNAUTHORIZED, "token sub must be a non-empty string")

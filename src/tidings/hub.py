@@ -13,9 +13,11 @@ from typing import Protocol
 
 import orjson
 
-from .protocol import CloseCode, Publication, text_frame
+from .protocol import CloseCode, Publication, deflate_payload, text_frame
 
-__all__ = ["Hub", "Sink", "frame_of"]
+__all__ = ["Hub", "Sink", "frame_of", "zframe_of"]
+
+COMPRESS_MIN = 256  # payloads smaller than this are sent uncompressed even to deflate peers
 
 
 class Sink(Protocol):
@@ -26,6 +28,11 @@ class Sink(Protocol):
 
     @property
     def user(self) -> str: ...
+
+    @property
+    def deflate(self) -> bool:
+        """The peer accepts permessage-deflate frames (one compressed frame serves all such peers)."""
+        ...
 
     def offer(self, frame: bytes) -> bool:
         """Queue ``frame`` without blocking; False when the sink is closed or was just cut off as slow."""
@@ -41,6 +48,19 @@ def frame_of(pub: Publication) -> bytes:
     frame = pub.frame_cache
     if frame is None:
         frame = pub.frame_cache = text_frame(pub.push_bytes())
+    return frame
+
+
+def zframe_of(pub: Publication) -> bytes:
+    """The push frame of ``pub`` for permessage-deflate peers: compressed once (no context takeover)."""
+    frame = pub.zframe_cache
+    if frame is None:
+        payload = pub.push_bytes()
+        if len(payload) < COMPRESS_MIN:
+            frame = frame_of(pub)
+        else:
+            frame = text_frame(deflate_payload(payload), compressed=True)
+        pub.zframe_cache = frame
     return frame
 
 
@@ -124,10 +144,11 @@ class Hub:
         for sub in list(subs.values()):
             pending = sub.pending
             if pending is None:
-                if sub.sink.offer(frame):
+                sink = sub.sink
+                if sink.offer(zframe_of(pub) if sink.deflate else frame):
                     n += 1
             else:
-                pending.append((pub.offset, frame))
+                pending.append((pub.offset, zframe_of(pub) if sub.sink.deflate else frame))
                 sub.pending_bytes += len(frame)
                 if sub.pending_bytes > self._max_pending:
                     sub.sink.close(CloseCode.SLOW_CONSUMER)

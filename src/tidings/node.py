@@ -26,12 +26,18 @@ class Node:
         self.broker = broker
         self.hub = Hub(max_pending_bytes=settings.max_buffer)
         self.connections: set[Sink] = set()
+        self.drained = asyncio.Event()  # set whenever the last connection goes away
         self.started = time.time()
         self.tokens = TokenVerifier(settings)
         self.conn_limits = ConnectionLimiter(settings.max_connections, settings.max_connections_per_ip)
         self.user_rates = RateLimiter(settings.user_rate, settings.user_rate * 2)
         self.auth_failures = FailureLimiter(settings.api_failures_per_minute)
         self.trusted_proxies = parse_networks(settings.trusted_proxies)
+
+    def forget(self, conn: Sink) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self.drained.set()
 
     async def start(self) -> None:
         await self.broker.start(self.hub.deliver)

@@ -71,6 +71,7 @@ class Publication:
     # The WebSocket frame of this publication's push, built on first use and shared by every receiver
     # (live fan-out and replays alike).
     frame_cache: bytes | None = field(default=None, repr=False, compare=False)
+    zframe_cache: bytes | None = field(default=None, repr=False, compare=False)  # permessage-deflate
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {

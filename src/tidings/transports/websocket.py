@@ -1,15 +1,25 @@
-"""The /ws endpoint: the v1 JSON protocol over WebSocket (see docs/protocol.md)."""
+"""The /ws endpoint: the v1 JSON protocol over WebSocket (see docs/protocol.md).
+
+aiohttp parses the HTTP upgrade request; once it is accepted, the connection's transport is handed to
+:class:`WsConnection`, an ``asyncio.Protocol`` that parses frames itself (``protocol.frames``). An idle
+connection is then one small object: no task, no reader queue, no per-connection timer (pings come from
+one :class:`Heartbeat` for all connections). A task exists only while a command that waits on storage
+(subscribe, history) runs; commands behind it wait in order.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
+import hashlib
 import itertools
 import logging
 import secrets
 import time
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import web
 
 from ..auth import ANONYMOUS, Action, TokenError, check_permission
 from ..backends.base import BrokerError
@@ -41,10 +51,21 @@ from ..protocol import (
     parse_command,
     text_frame,
 )
+from ..protocol.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameError,
+    FrameParser,
+    close_frame,
+    control_frame,
+)
 from .flush import FLUSHER, Flusher
 from .origin import origin_allowed
 
-__all__ = ["WsConnection", "ws_handler"]
+__all__ = ["HEARTBEAT", "Heartbeat", "WsConnection", "ws_handler"]
 
 log = logging.getLogger("tidings.ws")
 
@@ -52,55 +73,71 @@ _ids = itertools.count(1)
 CLOSE_GRACE = 5.0  # seconds a closing peer gets to take its last frames before the socket is aborted
 MAX_BAD_FRAMES = 100  # malformed frames in a row before the connection is closed with 4400
 MAX_REFUSED = 50  # rate-limited commands in a row before the connection is closed with 4030
+MAX_BACKLOG = 64  # commands queued behind a running one before reading pauses
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+_PUSH_BEFORE_CLOSE = frozenset({CloseCode.GOING_AWAY, CloseCode.UNSUPPORTED_DATA, CloseCode.INTERNAL_ERROR})
 
 
-class WsConnection:
-    """One client on /ws. Implements the hub's Sink: frames are queued and flushed once per iteration."""
+class WsConnection(asyncio.Protocol):
+    """One client on /ws: the socket's protocol and the hub's Sink. Frames queued for it during one loop
+    iteration go out in one write (see :class:`~tidings.transports.flush.Flusher`)."""
 
     __slots__ = (
         "_abort_handle",
         "_auth_handle",
+        "_backlog",
         "_bad",
         "_buffer",
         "_buffered",
-        "_close_task",
         "_closing",
         "_expiry_handle",
         "_flusher",
+        "_parser",
+        "_paused",
         "_refused",
-        "_ws",
+        "_task",
         "bucket",
         "channels",
         "client_id",
+        "counted",
+        "deflate",
         "granted",
         "identity",
         "ip",
         "node",
+        "pinged",
+        "rx",
         "transport",
     )
 
     def __init__(
-        self, node: Node, ws: web.WebSocketResponse, request: web.Request, flusher: Flusher, ip: str
+        self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, *, deflate: bool = False
     ) -> None:
         self.node = node
-        self._ws = ws
-        self.transport = request.transport
+        self.transport = transport
         self.ip = ip
         self._flusher = flusher
+        self.deflate = deflate
+        self.counted = False  # holds a place in the connection limits
         self.client_id = f"{next(_ids):x}-{secrets.token_hex(4)}"
         self.identity = ANONYMOUS
         self.granted: dict[str, float] = {}  # channel -> expiry of its subscription token
         self.channels: set[str] = set()
         self.bucket = TokenBucket(node.settings.client_rate, node.settings.client_rate * 2)
+        self._parser = FrameParser(node.settings.max_message_size, deflate=deflate)
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._closing = False
         self._bad = 0
         self._refused = 0
+        self._task: asyncio.Task[None] | None = None
+        self._backlog: collections.deque[bytes] | None = None
+        self._paused = False
+        self.rx = True  # something arrived since the last heartbeat tick
+        self.pinged = False
         self._abort_handle: asyncio.TimerHandle | None = None
         self._auth_handle: asyncio.TimerHandle | None = None
         self._expiry_handle: asyncio.TimerHandle | None = None
-        self._close_task: asyncio.Task[bool] | None = None
 
     @property
     def user(self) -> str:
@@ -111,11 +148,8 @@ class WsConnection:
     def offer(self, frame: bytes) -> bool:
         if self._closing:
             return False
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return False
         size = self._buffered + len(frame)
-        if size + transport.get_write_buffer_size() > self.node.settings.max_buffer:
+        if size + self.transport.get_write_buffer_size() > self.node.settings.max_buffer:
             self.close(CloseCode.SLOW_CONSUMER)
             return False
         if not self._buffer:
@@ -125,44 +159,150 @@ class WsConnection:
         return True
 
     def flush(self) -> None:
-        if not self._buffer:
+        buf = self._buffer
+        if not buf:
             return
-        data = b"".join(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-        self._buffer.clear()
+        data = b"".join(buf) if len(buf) > 1 else buf[0]
+        buf.clear()
         self._buffered = 0
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        if not self.transport.is_closing():
+            self.transport.write(data)
 
     def close(self, code: CloseCode, reason: str | None = None) -> None:
+        """Say why (a disconnect push), send the close frame, and drop the socket once the peer answered
+        (or after CLOSE_GRACE seconds)."""
         if self._closing:
             return
         self._closing = True
         reason = reason or CLOSE_REASONS.get(code, "")
         if code != CloseCode.NORMAL:
             log.info("closing %s (%s): %d %s", self.client_id, self.ip, code, reason)
-        # The disconnect push goes out even past the buffer limit: it is the last thing this peer gets.
-        self._buffer.append(text_frame(disconnect_push(int(code), reason, code.reconnect)))
+        # The last frames go out even past the buffer limit: they are the last this peer gets.
+        if code >= 4000 or code in _PUSH_BEFORE_CLOSE:
+            self._buffer.append(text_frame(disconnect_push(int(code), reason, code.reconnect)))
+        self._buffer.append(close_frame(int(code), reason))
         self.flush()
-        loop = asyncio.get_running_loop()
-        self._close_task = loop.create_task(self._ws.close(code=int(code), message=reason.encode()[:120]))
-        self._abort_handle = loop.call_later(CLOSE_GRACE, self._abort)
+        self._detach()
+        self._abort_handle = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
 
-    def _abort(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.abort()
+    def ping(self) -> None:
+        if not self._closing:
+            self.pinged = True
+            self.offer(control_frame(OP_PING))
+
+    # ------------------------------------------------------------------------------ asyncio.Protocol
+
+    def start(self, tail: bytes, token: str | None) -> None:
+        """Called once the handshake response is written and this object owns the transport."""
+        self.node.connections.add(self)
+        self.node.drained.clear()
+        self.transport.resume_reading()
+        if token is not None:
+            try:
+                self.authenticate(token)
+            except TokenError as exc:
+                expired = exc.code is ErrorCode.TOKEN_EXPIRED
+                self.close(CloseCode.TOKEN_EXPIRED if expired else CloseCode.UNAUTHORIZED)
+                return
+        elif not self.node.settings.allow_anonymous:
+            self._auth_handle = asyncio.get_running_loop().call_later(
+                self.node.settings.auth_timeout, self.close, CloseCode.AUTH_TIMEOUT
+            )
+        if tail:
+            self.data_received(tail)
+
+    def data_received(self, data: bytes) -> None:
+        self.rx = True
+        self.pinged = False
+        try:
+            frames = self._parser.feed(data)
+        except FrameError as exc:
+            self._protocol_error(exc.code, exc.reason)
+            return
+        for opcode, payload in frames:
+            if self._closing:
+                if opcode == OP_CLOSE:
+                    self.transport.close()
+                return
+            if opcode == OP_TEXT:
+                self._on_text(payload)
+            elif opcode == OP_PING:
+                self.offer(control_frame(OP_PONG, payload))
+            elif opcode == OP_CLOSE:
+                self._on_close_frame(payload)
+            elif opcode == OP_BINARY:
+                self.close(CloseCode.UNSUPPORTED_DATA)
+            # OP_PONG: being alive is all it says
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        node = self.node
+        node.forget(self)
+        if self.counted:
+            self.counted = False
+            node.conn_limits.release(self.ip)
+        self._closing = True
+        self._detach()
+        for handle in (self._abort_handle, self._auth_handle, self._expiry_handle):
+            if handle is not None:
+                handle.cancel()
+        if self._task is not None:
+            self._task.cancel()
+        self._backlog = None
+        self._buffer.clear()
+
+    def _detach(self) -> None:
+        """Leave every channel (a closing connection takes no more publications)."""
+        hub = self.node.hub
+        for channel in self.channels:
+            hub.remove(channel, self)
+            ns = self.node.settings.namespace_for(channel)
+            if ns is not None and ns.join_leave:
+                hub.broadcast_raw(channel, join_leave_event("leave", channel, self))
+        self.channels.clear()
+
+    def _protocol_error(self, code: int, reason: str) -> None:
+        """_Fail the WebSocket connection_ (RFC 6455 §7.1.7): close frame, then close the socket."""
+        if not self._closing:
+            self._closing = True
+            log.info("closing %s (%s): %d %s", self.client_id, self.ip, code, reason)
+            self.flush()
+            self.transport.write(close_frame(code, reason))
+            self._detach()
+            self._abort_handle = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
+        self.transport.close()
+
+    def _on_close_frame(self, payload: bytes) -> None:
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000
+        self._closing = True
+        self.flush()
+        self.transport.write(close_frame(1000 if code in (1005, 1006, 1015) or code < 1000 else code))
+        self.transport.close()
 
     # ------------------------------------------------------------------------------ commands
 
     def _send(self, payload: bytes) -> None:
-        """Replies bypass the slow-consumer limit only if the connection is still open."""
         if not self._closing:
             self.offer(text_frame(payload))
 
     def reply_error(self, rid: int | str | None, code: ErrorCode, message: str) -> None:
         self._send(encode_error(rid, code, message))
 
-    async def handle_text(self, text: str) -> None:
+    def _on_text(self, text: bytes) -> None:
+        if self._task is not None:  # a command is waiting on storage: keep order
+            backlog = self._backlog
+            if backlog is None:
+                backlog = self._backlog = collections.deque()
+            backlog.append(text)
+            if len(backlog) >= MAX_BACKLOG and not self._paused:
+                self._paused = True
+                self.transport.pause_reading()
+            return
+        self._handle(text)
+
+    def _handle(self, text: bytes) -> None:
         try:
             cmd = parse_command(decode_frame(text))
         except ProtocolError as exc:
@@ -182,13 +322,11 @@ class WsConnection:
             return
         self._refused = 0
         try:
-            await self.dispatch(cmd)
+            self.dispatch(cmd)
         except ProtocolError as exc:
             self.reply_error(cmd.id if exc.id is None else exc.id, exc.code, exc.message)
-        except BrokerError as exc:
-            self.reply_error(cmd.id, ErrorCode.UNAVAILABLE, str(exc))
 
-    async def dispatch(self, cmd: Command) -> None:
+    def dispatch(self, cmd: Command) -> None:
         if isinstance(cmd, ConnectCmd):
             self.connect(cmd)
             return
@@ -199,14 +337,34 @@ class WsConnection:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "send connect with a token first", cmd.id)
         if isinstance(cmd, PublishCmd):
             self.publish(cmd)
-        elif isinstance(cmd, SubscribeCmd):
-            await self.subscribe(cmd)
         elif isinstance(cmd, UnsubscribeCmd):
             self.unsubscribe(cmd)
-        elif isinstance(cmd, HistoryCmd):
-            await self.history(cmd)
         elif isinstance(cmd, PresenceCmd):
             self.presence(cmd)
+        elif isinstance(cmd, SubscribeCmd | HistoryCmd):
+            self._task = asyncio.get_running_loop().create_task(self._run_async(cmd))
+
+    async def _run_async(self, cmd: SubscribeCmd | HistoryCmd) -> None:
+        try:
+            if isinstance(cmd, SubscribeCmd):
+                await self.subscribe(cmd)
+            else:
+                await self.history(cmd)
+        except ProtocolError as exc:
+            self.reply_error(cmd.id if exc.id is None else exc.id, exc.code, exc.message)
+        except BrokerError as exc:
+            self.reply_error(cmd.id, ErrorCode.UNAVAILABLE, str(exc))
+        except Exception:
+            log.exception("command failed on %s", self.client_id)
+            self.reply_error(cmd.id, ErrorCode.INTERNAL, "internal error")
+        finally:
+            self._task = None
+        backlog = self._backlog
+        while backlog and self._task is None and not self._closing:
+            self._handle(backlog.popleft())
+        if self._paused and (not backlog or len(backlog) < MAX_BACKLOG // 2) and not self._closing:
+            self._paused = False
+            self.transport.resume_reading()
 
     # ------------------------------------------------------------------------------ auth
 
@@ -357,28 +515,77 @@ class WsConnection:
         clients = presence(self.node.hub, cmd.channel)
         self._send(encode_ok(cmd.id, {"clients": clients, "count": len(clients)}))
 
-    # ------------------------------------------------------------------------------ teardown
 
-    async def wait_closed(self) -> None:
-        """Let a close started by :meth:`close` finish (bounded by the abort grace)."""
-        if self._close_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._close_task), CLOSE_GRACE + 1)
-            except (TimeoutError, ConnectionError):
-                self._abort()
+class Heartbeat:
+    """One timer for every connection: each tick, a connection that sent nothing since the last tick is
+    pinged; one that then stays silent for another tick is dropped (its peer is gone)."""
 
-    def detach(self) -> None:
-        hub = self.node.hub
-        for channel in self.channels:
-            hub.remove(channel, self)
-            ns = self.node.settings.namespace_for(channel)
-            if ns is not None and ns.join_leave:
-                hub.broadcast_raw(channel, join_leave_event("leave", channel, self))
-        self.channels.clear()
-        self._closing = True
-        for handle in (self._abort_handle, self._auth_handle, self._expiry_handle):
-            if handle is not None:
-                handle.cancel()
+    def __init__(self, node: Node, interval: float) -> None:
+        self.node = node
+        self.interval = interval
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._handle = asyncio.get_running_loop().call_later(self.interval, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        for conn in list(self.node.connections):
+            if not isinstance(conn, WsConnection):
+                continue
+            if conn.rx:
+                conn.rx = False
+            elif conn.pinged:
+                log.info("dropping %s (%s): no pong", conn.client_id, conn.ip)
+                conn.transport.abort()
+            else:
+                conn.ping()
+        self._handle = asyncio.get_running_loop().call_later(self.interval, self._tick)
+
+
+HEARTBEAT = web.AppKey("tidings.heartbeat", Heartbeat)
+
+
+def _handshake_error(text: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=text + "\n", headers={"Sec-WebSocket-Version": "13"})
+
+
+def _accept(request: web.Request) -> bytes:
+    """Check the upgrade request (RFC 6455 §4.2.1) and return the Sec-WebSocket-Accept value."""
+    h = request.headers
+    if request.method != "GET":
+        raise web.HTTPMethodNotAllowed(request.method, ["GET"])
+    if "websocket" not in h.get("Upgrade", "").lower():
+        raise _handshake_error("expected a WebSocket upgrade (Upgrade: websocket)")
+    if "upgrade" not in h.get("Connection", "").lower():
+        raise _handshake_error("expected Connection: Upgrade")
+    if h.get("Sec-WebSocket-Version") != "13":
+        raise _handshake_error("only WebSocket version 13 is supported")
+    key = h.get("Sec-WebSocket-Key", "")
+    try:
+        ok = len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _handshake_error("invalid Sec-WebSocket-Key")
+    return base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest())
+
+
+def _wants_deflate(request: web.Request) -> bool:
+    """permessage-deflate offered, and acceptable with no context takeover and full windows."""
+    for offer in request.headers.get("Sec-WebSocket-Extensions", "").split(","):
+        params = [p.strip().lower() for p in offer.split(";")]
+        if params[0] != "permessage-deflate":
+            continue
+        if any(p.startswith("server_max_window_bits=") and p != "server_max_window_bits=15" for p in params):
+            continue  # we compress with the full window, once for every receiver
+        return True
+    return False
 
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
@@ -392,46 +599,36 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         raise web.HTTPTooManyRequests(
             text="too many failed authentications\n", headers={"Retry-After": str(int(wait) + 1)}
         )
-    ws = web.WebSocketResponse(
-        max_msg_size=settings.max_message_size,
-        heartbeat=settings.ping_interval or None,
-        autoping=True,
-        compress=settings.compression,
+    accept = _accept(request)
+    transport = request.transport
+    handler = request.protocol
+    if transport is None or transport.is_closing():
+        raise web.HTTPBadRequest(text="connection closed\n")
+    deflate = settings.compression and _wants_deflate(request)
+    head = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n"
     )
-    await ws.prepare(request)
-    if not node.conn_limits.acquire(ip):
-        reason = CLOSE_REASONS[CloseCode.TOO_MANY_CONNECTIONS]
-        await ws.send_str(disconnect_push(int(CloseCode.TOO_MANY_CONNECTIONS), reason, True).decode())
-        await ws.close(code=int(CloseCode.TOO_MANY_CONNECTIONS), message=reason.encode())
-        return ws
-    conn = WsConnection(node, ws, request, request.app[FLUSHER], ip)
-    node.connections.add(conn)
-    try:
-        token = request.query.get("token")
-        if token is not None:
-            try:
-                conn.authenticate(token)
-            except TokenError as exc:
-                conn.close(
-                    CloseCode.TOKEN_EXPIRED if exc.code is ErrorCode.TOKEN_EXPIRED else CloseCode.UNAUTHORIZED
-                )
-        elif not settings.allow_anonymous:
-            conn._auth_handle = asyncio.get_running_loop().call_later(
-                settings.auth_timeout, conn.close, CloseCode.AUTH_TIMEOUT
-            )
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                await conn.handle_text(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                conn.close(CloseCode.UNSUPPORTED_DATA)
-                break
-            else:
-                break
-        if ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
-            log.info("closed %s (%s): message too big", conn.client_id, conn.ip)
-        await conn.wait_closed()
-    finally:
-        node.connections.discard(conn)
-        node.conn_limits.release(ip)
-        conn.detach()
-    return ws
+    if deflate:
+        head += (
+            b"Sec-WebSocket-Extensions: permessage-deflate; "
+            b"server_no_context_takeover; client_no_context_takeover\r\n"
+        )
+    # Take the socket over from aiohttp: its request handler lets go of the transport (so it neither
+    # writes a response nor closes it) and is released; this connection becomes the transport's protocol.
+    # (uvloop's transports are not registered asyncio.Transport subclasses: no isinstance check here)
+    transport.pause_reading()
+    tail = bytes(getattr(handler, "_message_tail", b""))
+    conn = WsConnection(node, transport, ip, request.app[FLUSHER], deflate=deflate)
+    transport.write(head + b"\r\n")
+    transport.set_protocol(conn)
+    handler.transport = None
+    handler.connection_lost(None)
+    conn.counted = node.conn_limits.acquire(ip)
+    if not conn.counted:
+        transport.resume_reading()  # to see the peer's answer to the close frame
+        conn.close(CloseCode.TOO_MANY_CONNECTIONS)
+    else:
+        conn.start(tail, request.query.get("token"))
+    # Never sent: aiohttp's side of this connection has no transport any more.
+    return web.Response(status=101)

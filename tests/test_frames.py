@@ -1,0 +1,108 @@
+"""The sans-I/O WebSocket frame parser, driven without a network (like websockets' test_protocol)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+import pytest
+
+from tidings.protocol.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_TEXT,
+    FrameError,
+    FrameParser,
+    deflate_payload,
+    text_frame,
+)
+
+
+def client_frame(
+    payload: bytes, opcode: int = OP_TEXT, *, fin: bool = True, rsv1: bool = False, masked: bool = True
+) -> bytes:
+    b0 = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
+    n = len(payload)
+    mbit = 0x80 if masked else 0
+    if n < 126:
+        head = struct.pack("!BB", b0, mbit | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", b0, mbit | 126, n)
+    else:
+        head = struct.pack("!BBQ", b0, mbit | 127, n)
+    if not masked:
+        return head + payload
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_sizes_round_trip(size: int) -> None:
+    p = FrameParser(1 << 20)
+    data = b"x" * size
+    assert p.feed(client_frame(data)) == [(OP_TEXT, data)]
+
+
+def test_split_anywhere_and_many_per_read() -> None:
+    frames = b"".join(client_frame(f"m{i}".encode() * i) for i in range(50))
+    for step in (1, 2, 3, 7, 64, 1000):
+        p = FrameParser(1 << 20)
+        out = []
+        for i in range(0, len(frames), step):
+            out += p.feed(frames[i : i + step])
+        assert [m for _, m in out] == [f"m{i}".encode() * i for i in range(50)]
+
+
+def test_fragmented_message_with_interleaved_ping() -> None:
+    p = FrameParser(1000)
+    data = client_frame(b"hel", fin=False) + client_frame(b"ping", OP_PING) + client_frame(b"lo", 0, fin=True)
+    assert p.feed(data) == [(OP_PING, b"ping"), (OP_TEXT, b"hello")]
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (client_frame(b"x", masked=False), 1002),
+        (client_frame(b"x", rsv1=True), 1002),  # no deflate negotiated
+        (client_frame(b"x", 0x3), 1002),  # reserved opcode
+        (client_frame(b"x" * 126, OP_PING), 1002),  # control frame too long
+        (client_frame(b"x", OP_CLOSE, fin=False), 1002),
+        (client_frame(b"x", 0), 1002),  # continuation with nothing to continue
+        (client_frame(b"a", fin=False) + client_frame(b"b"), 1002),
+        (client_frame(b"\xff\xfe"), 1007),
+        (client_frame(b"x" * 1001), 1009),
+        (client_frame(b"x" * 600, fin=False) + client_frame(b"x" * 600, 0), 1009),
+    ],
+)
+def test_violations(data: bytes, code: int) -> None:
+    with pytest.raises(FrameError) as exc:
+        FrameParser(1000).feed(data)
+    assert exc.value.code == code
+
+
+def test_oversize_refused_from_the_header_alone() -> None:
+    """A 1 GiB length is refused before any payload arrives: nothing is buffered for it."""
+    head = struct.pack("!BBQ", 0x81, 0x80 | 127, 1 << 30) + b"mask"
+    with pytest.raises(FrameError) as exc:
+        FrameParser(65536).feed(head)
+    assert exc.value.code == 1009
+
+
+def test_deflate_message_and_bomb() -> None:
+    p = FrameParser(1000, deflate=True)
+    assert p.feed(client_frame(deflate_payload(b'{"op":"ping"}'), rsv1=True)) == [(OP_TEXT, b'{"op":"ping"}')]
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = comp.compress(b"\0" * 10_000_000) + comp.flush(zlib.Z_SYNC_FLUSH)
+    assert len(bomb) < 20_000
+    with pytest.raises(FrameError) as exc:
+        FrameParser(65536, deflate=True).feed(client_frame(bomb[:-4], OP_BINARY, rsv1=True))
+    assert exc.value.code == 1009
+
+
+def test_server_frames_are_unmasked_and_sized() -> None:
+    assert text_frame(b"hi") == b"\x81\x02hi"
+    assert text_frame(b"x" * 200)[:4] == b"\x81\x7e\x00\xc8"
+    assert text_frame(b"x" * 70000)[:2] == b"\x81\x7f"
+    assert text_frame(b"z", compressed=True)[0] == 0xC1
