@@ -200,7 +200,8 @@ def check_permission(
 def find_api_key(keys: list[ApiKey], given: str) -> ApiKey | None:
     """The key matching ``given``, compared in constant time against every configured key."""
     found: ApiKey | None = None
-    raw = given.encode()
+    # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as the bytes they were.
+    raw = given.encode("utf-8", "surrogateescape")
     for k in keys:
         if hmac.compare_digest(raw, k.key.encode()):
             found = k

@@ -25,7 +25,7 @@ __all__ = ["WEB_DIR", "page_routes", "security_headers"]
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 ROOM_RE = re.compile(r"[A-Za-z0-9_\-.]{1,64}")
 XSRF_COOKIE = "_xsrf"
-MAX_NICK = 64
+MAX_NICK = 32  # the same rule as chat.js: trimmed, at most 32 characters
 MAX_BODY_CHARS = 4000
 PAGE_HISTORY = 100
 
@@ -53,6 +53,11 @@ async def security_headers(request: web.Request, handler: Any) -> web.StreamResp
     return resp
 
 
+def nick_of(value: object) -> str:
+    """A nickname as the page shows it: trimmed, at most MAX_NICK characters."""
+    return str(value).strip()[:MAX_NICK]
+
+
 def _room(request: web.Request) -> str:
     room = request.match_info.get("room", "lobby")
     if not ROOM_RE.fullmatch(room):
@@ -78,7 +83,7 @@ async def chat_page(request: web.Request) -> web.Response:
             "offset": p.offset,
             "id": p.id,
             "time": p.time,
-            "nick": str(p.data.get("nick", ""))[:MAX_NICK] if isinstance(p.data, dict) else "",
+            "nick": nick_of(p.data.get("nick", "")) if isinstance(p.data, dict) else "",
             "body": chat_body(p.data),
         }
         for p in res.publications
@@ -115,7 +120,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     channel = f"chat:{room}"
     try:
         ns = node.namespace(channel)
-        await node.publish(channel, {"body": body, "nick": str(nick)[:MAX_NICK]}, ns)
+        await node.publish(channel, {"body": body, "nick": nick_of(nick) or "guest"}, ns)
     except ProtocolError as exc:
         if exc.code is ErrorCode.MESSAGE_TOO_LARGE:
             limit = ns.max_message_size or node.settings.max_message_size

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import hashlib
 import itertools
 import logging
 import secrets
+import socket
 import time
 from typing import Any
 
@@ -618,6 +620,10 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     # writes a response nor closes it) and is released; this connection becomes the transport's protocol.
     # (uvloop's transports are not registered asyncio.Transport subclasses: no isinstance check here)
     transport.pause_reading()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:  # pushes are small and latency matters: no Nagle delay
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     tail = bytes(getattr(handler, "_message_tail", b""))
     conn = WsConnection(node, transport, ip, request.app[FLUSHER], deflate=deflate)
     transport.write(head + b"\r\n")

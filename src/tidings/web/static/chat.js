@@ -6,6 +6,7 @@
  */
 (function () {
   "use strict";
+  document.documentElement.classList.remove("no-js");
 
   var NICK_KEY = "tidings.nick";
   var MAX_MESSAGES = 1000;
