@@ -315,3 +315,22 @@ async def test_presence_and_join_leave(server: Server, probe: ProbeFactory) -> N
     leave = await a.push()
     assert leave["type"] == "leave" and leave["client"] == join["client"]
     assert (await a.ok("presence", channel="chat:p"))["count"] == 1
+
+
+async def test_http_batch_keeps_order_per_channel(
+    server: Server, probe: ProbeFactory, session: aiohttp.ClientSession
+) -> None:
+    p = await probe(server)
+    await p.ok("subscribe", channel="pub:batch")
+    pubs = [{"channel": "pub:batch" if i % 2 else "pub:other", "data": i} for i in range(200)]
+    pubs.insert(50, {"channel": "nope nope", "data": "bad"})
+    async with session.post(
+        f"{server.http}/api/batch", headers=api_headers(), json={"publications": pubs}
+    ) as r:
+        body = await r.json()
+    results = body["results"]
+    assert len(results) == 201 and results[50]["error"]["code"] == "invalid_channel"
+    mine = [res["offset"] for res, pub in zip(results, pubs, strict=True) if pub["channel"] == "pub:batch"]
+    assert mine == list(range(1, 101))
+    got = await p.messages(100)
+    assert [m["data"] for m in got] == list(range(1, 200, 2))

@@ -225,9 +225,10 @@ async def test_real_responses_match_openapi(
     ]
     srv = await start_server(settings=settings)
     chk = ResponseChecker(spec)
-    pub, bc, hist, pres, chans, health = (
+    pub, bc, batch, hist, pres, chans, health = (
         "/api/publish",
         "/api/broadcast",
+        "/api/batch",
         "/api/channels/{channel}/history",
         "/api/channels/{channel}/presence",
         "/api/channels",
@@ -247,6 +248,14 @@ async def test_real_responses_match_openapi(
     await call("post", bc, bc, 200, json_body={"channels": ["pub:x", "bad name", 5, "nowhere:x"], "data": 1})
     h = await call("get", hist, "/api/channels/chat:lobby/history", 200)
     assert [p["offset"] for p in h["publications"]] == [1, 2]
+    body = await call(
+        "post",
+        batch,
+        batch,
+        200,
+        json_body={"publications": [{"channel": "pub:b", "data": 1}, {"channel": "bad name", "data": 2}]},
+    )
+    assert body["results"][0]["offset"] == 1 and body["results"][1]["error"]["code"] == "invalid_channel"
     h = await call("get", hist, "/api/channels/pub:a/b/history?limit=1", 200)
     assert h["publications"][0]["info"] == {"user": "bot"}
     h = await call("get", hist, f"/api/channels/chat:lobby/history?since=1&epoch={h['epoch']}", 200)
@@ -277,6 +286,15 @@ async def test_real_responses_match_openapi(
     await call("post", bc, bc, 400, raw=b"[]")
     await call("post", bc, bc, 401, json_body={"channels": ["pub:x"], "data": 1}, headers={})
     await call("get", bc, bc, 405)
+    await call("post", batch, batch, 400, json_body={"publications": [{"channel": "pub:x"}]})
+    await call("post", batch, batch, 401, json_body={"publications": []}, headers={})
+    await call(
+        "post",
+        batch,
+        batch,
+        413,
+        raw=b'{"publications": [{"channel": "pub:x", "data": "' + b"a" * 9000 + b'"}]}',
+    )
     await call("post", bc, bc, 413, raw=b'{"channels": ["pub:x"], "data": "' + b"a" * 9000 + b'"}')
     await call("get", hist, "/api/channels/pub:x/history?limit=0", 400)
     await call("get", hist, "/api/channels/pub:x/history?epoch=e", 400)
@@ -297,6 +315,14 @@ async def test_real_responses_match_openapi(
     await call(
         "post", bc, bc, 403, json_body={"channels": ["pub:x"], "data": 1}, headers=api_headers(READ_KEY)
     )
+    await call(
+        "post",
+        batch,
+        batch,
+        403,
+        json_body={"publications": [{"channel": "pub:x", "data": 1}]},
+        headers=api_headers(READ_KEY),
+    )
     await call("get", hist, "/api/channels/pub:x/history", 403, headers=api_headers(PUB_KEY))
     await call("get", pres, "/api/channels/pub:x/presence", 403, headers=api_headers(PUB_KEY))
     await call("get", chans, chans, 403, headers=api_headers(PUB_KEY))
@@ -307,12 +333,17 @@ async def test_real_responses_match_openapi(
     for method, template, url in [
         ("post", pub, pub),
         ("post", bc, bc),
+        ("post", batch, batch),
         ("get", hist, "/api/channels/pub:x/history"),
         ("get", pres, "/api/channels/pub:x/presence"),
         ("get", chans, chans),
     ]:
         await call(
-            method, template, url, 429, json_body={"channels": ["pub:x"], "channel": "pub:x", "data": 1}
+            method,
+            template,
+            url,
+            429,
+            json_body={"channels": ["pub:x"], "channel": "pub:x", "data": 1, "publications": []},
         )
     await call("get", health, health, 200, headers={})
 

@@ -20,7 +20,7 @@ from ..protocol.messages import MAX_HISTORY_LIMIT
 __all__ = ["ApiError", "api_routes", "error_middleware"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MAX_BROADCAST_CHANNELS = 1000
+MAX_BATCH = 1000  # channels in a broadcast, publications in a batch
 
 
 class ApiError(Exception):
@@ -135,36 +135,61 @@ async def publish(request: web.Request) -> web.Response:
     return json_response(_pub_result(pub))
 
 
-async def broadcast(request: web.Request) -> web.Response:
-    _check_key(request, "publish")
-    body = await _json_body(request)
-    channels = body.get("channels")
-    if not isinstance(channels, list) or not channels or len(channels) > MAX_BROADCAST_CHANNELS:
-        raise ApiError(
-            ErrorCode.INVALID_FIELD, f"channels must be a list of 1 to {MAX_BROADCAST_CHANNELS} names"
-        )
-    if "data" not in body:
-        raise ApiError(ErrorCode.INVALID_FIELD, "data is required")
-    node = _node(request)
-    info = _info(body)
-    futures: list[asyncio.Future[Publication] | dict[str, Any]] = []
-    for ch in channels:
+async def _publish_many(
+    node: Node, items: list[tuple[Any, Any, dict[str, Any] | None]]
+) -> list[dict[str, Any]]:
+    """Publish (channel, data, info) items together (they share group commits); one result per item,
+    in order: the publication's position, or the error for that item alone."""
+
+    def error(ch: Any, code: ErrorCode, message: str) -> dict[str, Any]:
+        return {"channel": ch, "error": {"code": str(code), "message": message}}
+
+    pending: list[asyncio.Future[Publication] | dict[str, Any]] = []
+    for ch, data, info in items:
         try:
-            futures.append(node.publish(ch, body["data"], node.namespace(ch), info))
+            pending.append(node.publish(ch, data, node.namespace(ch), info))
         except ProtocolError as exc:
-            futures.append({"channel": ch, "error": {"code": str(exc.code), "message": exc.message}})
+            pending.append(error(ch, exc.code, exc.message))
     results: list[dict[str, Any]] = []
-    for ch, f in zip(channels, futures, strict=True):
+    for (ch, _, _), f in zip(items, pending, strict=True):
         if isinstance(f, dict):
             results.append(f)
             continue
         try:
             results.append({"channel": ch, **_pub_result(await f)})
         except BrokerError as exc:
-            results.append(
-                {"channel": ch, "error": {"code": str(ErrorCode.UNAVAILABLE), "message": str(exc)}}
-            )
+            results.append(error(ch, ErrorCode.UNAVAILABLE, str(exc)))
+    return results
+
+
+async def broadcast(request: web.Request) -> web.Response:
+    _check_key(request, "publish")
+    body = await _json_body(request)
+    channels = body.get("channels")
+    if not isinstance(channels, list) or not channels or len(channels) > MAX_BATCH:
+        raise ApiError(ErrorCode.INVALID_FIELD, f"channels must be a list of 1 to {MAX_BATCH} names")
+    if "data" not in body:
+        raise ApiError(ErrorCode.INVALID_FIELD, "data is required")
+    info = _info(body)
+    results = await _publish_many(_node(request), [(ch, body["data"], info) for ch in channels])
     return json_response({"results": results})
+
+
+async def batch(request: web.Request) -> web.Response:
+    """Many publications in one request: ``{"publications": [{"channel", "data", "info"?}, ...]}``."""
+    _check_key(request, "publish")
+    body = await _json_body(request)
+    pubs = body.get("publications")
+    if not isinstance(pubs, list) or not pubs or len(pubs) > MAX_BATCH:
+        raise ApiError(ErrorCode.INVALID_FIELD, f"publications must be a list of 1 to {MAX_BATCH} objects")
+    items: list[tuple[Any, Any, dict[str, Any] | None]] = []
+    for i, p in enumerate(pubs):
+        if not isinstance(p, dict) or "data" not in p:
+            raise ApiError(
+                ErrorCode.INVALID_FIELD, f"publications[{i}] must be an object with channel and data"
+            )
+        items.append((p.get("channel"), p["data"], _info(p)))
+    return json_response({"results": await _publish_many(_node(request), items)})
 
 
 def _int_param(request: web.Request, name: str, lo: int, hi: int) -> int | None:
@@ -230,6 +255,7 @@ def api_routes() -> list[web.RouteDef]:
     return [
         web.post("/api/publish", publish),
         web.post("/api/broadcast", broadcast),
+        web.post("/api/batch", batch),
         web.get("/api/channels", channels),
         web.get(r"/api/channels/{channel:.+}/history", history),
         web.get(r"/api/channels/{channel:.+}/presence", presence_api),
