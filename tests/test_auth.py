@@ -775,11 +775,6 @@ def test_secrets_never_logged_by_the_cli_server(
         assert s not in log_text, s
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp logs a request it cannot parse at ERROR with the raw request line / header line, "
-    "so a ?token= or an API key in a malformed request reaches the log (to filter in transports/server.py)",
-)
 async def test_secrets_not_logged_from_malformed_requests(
     start_server: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

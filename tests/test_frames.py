@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 import zlib
@@ -18,6 +19,8 @@ from tidings.protocol.frames import (
     deflate_payload,
     text_frame,
 )
+
+from .conftest import Server
 
 
 def client_frame(
@@ -106,3 +109,20 @@ def test_server_frames_are_unmasked_and_sized() -> None:
     assert text_frame(b"x" * 200)[:4] == b"\x81\x7e\x00\xc8"
     assert text_frame(b"x" * 70000)[:2] == b"\x81\x7f"
     assert text_frame(b"z", compressed=True)[0] == 0xC1
+
+
+async def test_close_codes_are_answered_per_rfc(server: Server) -> None:
+    """A valid close code is echoed; an invalid one (reserved or out of range) is answered with 1002."""
+    for sent, answered in [(1000, 1000), (4001, 4001), (3000, 3000), (1005, 1002), (999, 1002), (5000, 1002)]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # the RFC 6455 §1.3 example
+        writer.write(client_frame(struct.pack("!H", sent), OP_CLOSE))
+        frame = await asyncio.wait_for(reader.readexactly(4), 5)
+        assert frame[0] == 0x88 and struct.unpack("!H", frame[2:4])[0] == answered
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # then the server closes the socket
+        writer.close()

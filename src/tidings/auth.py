@@ -139,6 +139,8 @@ class TokenVerifier:
         sub = claims["sub"]
         if not isinstance(sub, str) or not sub or len(sub) > 255:
             raise TokenError(ErrorCode.UNAUTHORIZED, "token sub must be a non-empty string")
+        if "/" in sub:  # user:<id>/... is the user's subtree of personal channels: ids cannot contain "/"
+            raise TokenError(ErrorCode.UNAUTHORIZED, "token sub must not contain '/'")
         info = claims.get("info")
         if info is not None and not isinstance(info, dict):
             raise TokenError(ErrorCode.UNAUTHORIZED, "token info must be an object")

@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 __all__ = ["make_runner"]
@@ -36,6 +37,15 @@ class _HeaderDeadlineHandler(RequestHandler):
             self._deadline.cancel()
             self._deadline = None
         super().connection_lost(exc)
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp logs a request it cannot parse with the raw line, which may hold a token or a key.
+        Malformed requests get their 400; the log gets one line at DEBUG, without the request."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            self.logger.debug("malformed request refused (%s)", type(exc).__name__)
+            return
+        super().log_exception(*args, **kw)
 
     def _too_slow(self) -> None:
         self._deadline = None

@@ -98,6 +98,7 @@ class WsConnection(asyncio.Protocol):
         "_paused",
         "_refused",
         "_task",
+        "_tbuf",
         "bucket",
         "channels",
         "client_id",
@@ -129,6 +130,7 @@ class WsConnection(asyncio.Protocol):
         self._parser = FrameParser(node.settings.max_message_size, deflate=deflate)
         self._buffer: list[bytes] = []
         self._buffered = 0
+        self._tbuf = 0  # the transport's buffer after the last flush: an upper bound until the next one
         self._closing = False
         self._bad = 0
         self._refused = 0
@@ -151,7 +153,7 @@ class WsConnection(asyncio.Protocol):
         if self._closing:
             return False
         size = self._buffered + len(frame)
-        if size + self.transport.get_write_buffer_size() > self.node.settings.max_buffer:
+        if size + self._tbuf > self.node.settings.max_buffer:
             self.close(CloseCode.SLOW_CONSUMER)
             return False
         if not self._buffer:
@@ -167,8 +169,10 @@ class WsConnection(asyncio.Protocol):
         data = b"".join(buf) if len(buf) > 1 else buf[0]
         buf.clear()
         self._buffered = 0
-        if not self.transport.is_closing():
-            self.transport.write(data)
+        transport = self.transport
+        if not transport.is_closing():
+            transport.write(data)
+            self._tbuf = transport.get_write_buffer_size()
 
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         """Say why (a disconnect push), send the close frame, and drop the socket once the peer answered
@@ -229,7 +233,8 @@ class WsConnection(asyncio.Protocol):
             if opcode == OP_TEXT:
                 self._on_text(payload)
             elif opcode == OP_PING:
-                self.offer(control_frame(OP_PONG, payload))
+                if self.bucket.take():  # pings count against the command rate: no free CPU
+                    self.offer(control_frame(OP_PONG, payload))
             elif opcode == OP_CLOSE:
                 self._on_close_frame(payload)
             elif opcode == OP_BINARY:
@@ -277,10 +282,20 @@ class WsConnection(asyncio.Protocol):
         self.transport.close()
 
     def _on_close_frame(self, payload: bytes) -> None:
-        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000
+        """Answer the peer's close: with its code when that is a valid one (RFC 6455 §7.4), else 1002."""
+        if len(payload) == 1:
+            code = 1002
+        elif not payload:
+            code = 1000
+        else:
+            code = int.from_bytes(payload[:2], "big")
+            valid = 1000 <= code <= 1003 or 1007 <= code <= 1011 or 3000 <= code <= 4999
+            if not valid:
+                code = 1002
         self._closing = True
         self.flush()
-        self.transport.write(close_frame(1000 if code in (1005, 1006, 1015) or code < 1000 else code))
+        self.transport.write(close_frame(code))
+        self._detach()
         self.transport.close()
 
     # ------------------------------------------------------------------------------ commands
@@ -393,7 +408,7 @@ class WsConnection(asyncio.Protocol):
 
     def connect(self, cmd: ConnectCmd) -> None:
         if cmd.token is None:
-            if not self.node.settings.allow_anonymous:
+            if self.identity.anonymous and not self.node.settings.allow_anonymous:
                 raise ProtocolError(ErrorCode.UNAUTHORIZED, "a token is required", cmd.id)
         else:
             try:
