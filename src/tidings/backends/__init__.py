@@ -1,4 +1,4 @@
-"""Backends, chosen by URL: memory://, sqlite:///path, redis://host."""
+"""Backends, chosen by URL: memory:// or sqlite:///path."""
 
 from __future__ import annotations
 

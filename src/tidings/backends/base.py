@@ -1,4 +1,4 @@
-"""The two interfaces every backend implements. Choose one by URL: memory://, sqlite:///path, redis://host."""
+"""The interfaces every backend implements. Chosen by URL: memory:// or sqlite:///path."""
 
 from __future__ import annotations
 
