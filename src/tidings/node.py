@@ -71,12 +71,12 @@ class Node:
     ) -> asyncio.Future[Publication]:
         """Size-check and hand to the broker. The channel and permission checks are the caller's."""
         limit = ns.max_message_size or self.settings.max_message_size
-        size = len(orjson.dumps(data))
-        if size > limit:
+        encoded = orjson.dumps(data)
+        if len(encoded) > limit:
             raise ProtocolError(
-                ErrorCode.MESSAGE_TOO_LARGE, f"data is {size} bytes; the limit here is {limit}", rid
+                ErrorCode.MESSAGE_TOO_LARGE, f"data is {len(encoded)} bytes; the limit here is {limit}", rid
             )
-        return self.broker.publish(channel, data, ns.history, info)
+        return self.broker.publish(channel, data, ns.history, info, encoded)
 
     async def history(
         self, channel: str, ns: Namespace, since: StreamPosition | None, limit: int | None

@@ -51,9 +51,15 @@ class Broker(Protocol):
     async def close(self) -> None: ...
 
     def publish(
-        self, channel: str, data: Any, opts: HistoryOptions, info: dict[str, Any] | None = None
+        self,
+        channel: str,
+        data: Any,
+        opts: HistoryOptions,
+        info: dict[str, Any] | None = None,
+        encoded: bytes | None = None,
     ) -> asyncio.Future[Publication]:
-        """Append and fan out; the future resolves once the publication is durable (per the backend)."""
+        """Append and fan out; the future resolves once the publication is durable (per the backend).
+        ``encoded`` is ``data`` already JSON-encoded, when the caller has it."""
         ...
 
     async def history(

@@ -39,7 +39,12 @@ class MemoryBroker:
         return s
 
     def publish(
-        self, channel: str, data: Any, opts: HistoryOptions, info: dict[str, Any] | None = None
+        self,
+        channel: str,
+        data: Any,
+        opts: HistoryOptions,
+        info: dict[str, Any] | None = None,
+        encoded: bytes | None = None,
     ) -> asyncio.Future[Publication]:
         s = self._stream(channel)
         pub = Publication(channel, s.top + 1, s.epoch, str(uuid.uuid4()), now_ms(), data, info)

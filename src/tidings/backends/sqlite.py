@@ -119,14 +119,20 @@ class SqliteBroker:
     # ------------------------------------------------------------------------------ API
 
     def publish(
-        self, channel: str, data: Any, opts: HistoryOptions, info: dict[str, Any] | None = None
+        self,
+        channel: str,
+        data: Any,
+        opts: HistoryOptions,
+        info: dict[str, Any] | None = None,
+        encoded: bytes | None = None,
     ) -> asyncio.Future[Publication]:
         assert self._loop is not None, "broker not started"
         fut: asyncio.Future[Publication] = self._loop.create_future()
         if self._thread is None:
             fut.set_exception(BrokerError("storage is closed"))
             return fut
-        self._queue.put(_Pub(channel, data, orjson.dumps(data), info, opts, fut))
+        blob = orjson.dumps(data) if encoded is None else encoded
+        self._queue.put(_Pub(channel, data, blob, info, opts, fut))
         return fut
 
     async def history(
@@ -215,7 +221,7 @@ class SqliteBroker:
                     except queue.Empty:
                         break
                 stop = any(isinstance(i, _Stop) for i in items)
-                work: list[_Item] = [i for i in items if not isinstance(i, _Stop)]
+                work: list[_Pub | _Load] = [i for i in items if not isinstance(i, _Stop)]
                 if work:
                     results = self._process(db, meta, work)
                     loop.call_soon_threadsafe(self._on_batch, results)
@@ -247,64 +253,45 @@ class SqliteBroker:
         return m
 
     def _process(
-        self, db: sqlite3.Connection, meta: dict[str, tuple[str, int]], items: list[_Item]
+        self, db: sqlite3.Connection, meta: dict[str, tuple[str, int]], items: list[_Pub | _Load]
     ) -> list[tuple[_Item, Any]]:
         results: list[tuple[_Item, Any]] = []
-        before = dict(meta)
+        touched: dict[str, tuple[str, int] | None] = {}  # meta before this batch, to restore on failure
+        rows: list[tuple[Any, ...]] = []
+
+        def insert_rows() -> None:
+            if rows:
+                db.executemany(
+                    "INSERT INTO pubs(channel, offset, id, time, expires, data, info) VALUES (?,?,?,?,?,?,?)",
+                    rows,
+                )
+                rows.clear()
+
         try:
             db.execute("BEGIN IMMEDIATE")
             trims: dict[str, tuple[int, int]] = {}
+            t = now_ms()
             for item in items:
+                if item.channel not in touched:
+                    touched[item.channel] = meta.get(item.channel)
                 if isinstance(item, _Load):
-                    epoch, top = self._stream_meta(db, meta, item.channel)
-                    cutoff = now_ms()
-                    rows = db.execute(
-                        "SELECT offset, id, time, data, info FROM pubs WHERE channel=? AND expires>? "
-                        "ORDER BY offset DESC LIMIT ?",
-                        (item.channel, cutoff, max(item.opts.size, 0)),
-                    ).fetchall()
-                    pubs = [
-                        Publication(
-                            item.channel, o, epoch, i, t, orjson.loads(d), orjson.loads(nf) if nf else None
-                        )
-                        for o, i, t, d, nf in reversed(rows)
-                    ]
-                    # Keep the offsets contiguous up to top: stop at the first hole from the newest down.
-                    keep: list[Publication] = []
-                    expect = top
-                    for p in reversed(pubs):
-                        if p.offset != expect:
-                            break
-                        keep.append(p)
-                        expect -= 1
-                    keep.reverse()
-                    stream = Stream(epoch, top, keep)
-                    stream.ttl = item.opts.ttl
-                    results.append((item, stream))
+                    insert_rows()  # the load must see everything queued before it
+                    results.append((item, self._load_stream(db, meta, item)))
                 elif isinstance(item, _Pub):
                     epoch, top = self._stream_meta(db, meta, item.channel)
                     top += 1
-                    t = now_ms()
                     pub = Publication(item.channel, top, epoch, str(uuid.uuid4()), t, item.data, item.info)
                     if item.opts.size > 0:
-                        db.execute(
-                            "INSERT INTO pubs(channel, offset, id, time, expires, data, info) "
-                            "VALUES (?,?,?,?,?,?,?)",
-                            (
-                                item.channel,
-                                top,
-                                pub.id,
-                                t,
-                                t + int(item.opts.ttl * 1000),
-                                item.blob,
-                                orjson.dumps(item.info) if item.info is not None else None,
-                            ),
+                        info = orjson.dumps(item.info) if item.info is not None else None
+                        rows.append(
+                            (item.channel, top, pub.id, t, t + int(item.opts.ttl * 1000), item.blob, info)
                         )
                     meta[item.channel] = (epoch, top)
                     trims[item.channel] = (top, item.opts.size)
                     results.append((item, pub))
+            insert_rows()
             for ch, (top, size) in trims.items():
-                db.execute("UPDATE streams SET top=?, updated=? WHERE channel=?", (top, now_ms(), ch))
+                db.execute("UPDATE streams SET top=?, updated=? WHERE channel=?", (top, t, ch))
                 db.execute("DELETE FROM pubs WHERE channel=? AND offset<=?", (ch, top - max(size, 0)))
             db.execute("COMMIT")
             self.commits += 1
@@ -312,11 +299,37 @@ class SqliteBroker:
             log.exception("sqlite write failed")
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            meta.clear()
-            meta.update(before)
+            for ch, old in touched.items():
+                if old is None:
+                    meta.pop(ch, None)
+                else:
+                    meta[ch] = old
             err = BrokerError(f"storage write failed: {exc}")
             return [(item, err) for item in items]
         return results
+
+    def _load_stream(self, db: sqlite3.Connection, meta: dict[str, tuple[str, int]], item: _Load) -> Stream:
+        """A channel's retained publications from the database, for the read cache."""
+        epoch, top = self._stream_meta(db, meta, item.channel)
+        rows = db.execute(
+            "SELECT offset, id, time, data, info FROM pubs WHERE channel=? AND expires>? "
+            "ORDER BY offset DESC LIMIT ?",
+            (item.channel, now_ms(), max(item.opts.size, 0)),
+        ).fetchall()
+        # Keep the offsets contiguous up to top: stop at the first hole from the newest down.
+        keep: list[Publication] = []
+        expect = top
+        for o, i, t, d, nf in rows:
+            if o != expect:
+                break
+            keep.append(
+                Publication(item.channel, o, epoch, i, t, orjson.loads(d), orjson.loads(nf) if nf else None)
+            )
+            expect -= 1
+        keep.reverse()
+        stream = Stream(epoch, top, keep)
+        stream.ttl = item.opts.ttl
+        return stream
 
     def _expire(self, db: sqlite3.Connection) -> None:
         try:
