@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tidings.auth import read_api_key
-from tidings.client import Client, HTTPClient
+from tidings.client import ApiError, Client, HTTPClient
 
-from .conftest import Proc
+from .conftest import API_KEY, ProbeFactory, Proc, ServerFactory
 
 
 async def test_kill9_keeps_every_acknowledged_publication(subprocess_server: Callable[..., Proc]) -> None:
@@ -140,3 +142,30 @@ async def test_api_key_file_is_private(subprocess_server: Callable[..., Proc]) -
         s.post(f"{srv.http}/api/publish", json={"channel": "a:b", "data": 1}) as r,
     ):
         assert r.status == 401
+
+
+async def test_storage_failure_is_unavailable_and_loses_no_offset(
+    start_server: ServerFactory, tmp_path: Path, probe: ProbeFactory
+) -> None:
+    """A failing commit answers `unavailable` (503 over HTTP) and rolls back: offsets stay gapless after."""
+    db = tmp_path / "fail.db"
+    srv = await start_server(broker=f"sqlite:///{db}")
+    sub = await probe(srv)
+    await sub.ok("subscribe", channel="pub:f")
+    async with HTTPClient(srv.http, API_KEY) as api:
+        assert (await api.publish("pub:f", 1))["offset"] == 1
+        with sqlite3.connect(db) as other:
+            other.execute(
+                "CREATE TRIGGER fail BEFORE INSERT ON pubs BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+            )
+        with pytest.raises(ApiError) as exc:
+            await api.publish("pub:f", 2)
+        assert exc.value.status == 503 and exc.value.code == "unavailable"
+        r = await sub.request("publish", channel="pub:f", data=3)
+        assert r["error"]["code"] == "unavailable"
+        with sqlite3.connect(db) as other:
+            other.execute("DROP TRIGGER fail")
+        assert (await api.publish("pub:f", 4))["offset"] == 2
+        pubs, pos, _ = await api.history("pub:f")
+    assert [(p.offset, p.data) for p in pubs] == [(1, 1), (2, 4)] and pos.offset == 2
+    assert [m["data"] for m in await sub.messages(2)] == [1, 4]  # the failed ones were never delivered
