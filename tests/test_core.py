@@ -334,3 +334,25 @@ async def test_http_batch_keeps_order_per_channel(
     assert mine == list(range(1, 101))
     got = await p.messages(100)
     assert [m["data"] for m in got] == list(range(1, 200, 2))
+
+
+async def test_compression_one_frame_for_all_deflate_peers(
+    start_server: ServerFactory, probe: ProbeFactory, session: aiohttp.ClientSession
+) -> None:
+    srv = await start_server(compression=True)
+    zipped = [await probe(srv, compress=15) for _ in range(3)]
+    plain = await probe(srv, compress=0)
+    for p in (*zipped, plain):
+        await p.ok("subscribe", channel="pub:z")
+        assert p.ws.compress == (15 if p is not plain else 0)
+    big = {"text": "tidings " * 500}
+    pub = await publish(session, srv, "pub:z", big)
+    await publish(session, srv, "pub:z", "small")
+    for p in (*zipped, plain):
+        got = await p.messages(2)
+        assert [m["data"] for m in got] == [big, "small"]
+    # Compressed once: the cached frame is a deflate frame (RSV1) much smaller than the plain one.
+    res = await srv.node.broker.history("pub:z", srv.settings.namespace_for("pub:z").history)  # type: ignore[union-attr]
+    first = res.publications[0]
+    assert first.id == pub["id"] and first.zframe_cache is not None and first.frame_cache is not None
+    assert first.zframe_cache[0] & 0x40 and len(first.zframe_cache) < len(first.frame_cache) / 10
