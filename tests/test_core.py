@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from typing import Any
 
 import aiohttp
@@ -13,6 +11,7 @@ import pytest
 from tidings.protocol import CloseCode
 
 from .conftest import ProbeFactory, Server, ServerFactory, api_headers
+from .rawws import client_frame, raw_upgrade, read_until_close
 
 
 async def publish(session: aiohttp.ClientSession, srv: Server, channel: str, data: Any) -> dict[str, Any]:
@@ -193,53 +192,14 @@ async def test_memory_broker_restart_changes_epoch(start_server: ServerFactory, 
     assert r["recovered"] is False and r["epoch"] != r1["epoch"]
 
 
-async def _raw_ws_no_read(port: int, path: str = "/ws") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A WebSocket client with a tiny receive buffer that will stop reading: the slow consumer."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    assert b" 101 " in head
-    return reader, writer
-
-
-def _masked_text(payload: bytes) -> bytes:
-    mask = b"\x01\x02\x03\x04"
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    n = len(payload)
-    head = struct.pack("!BB", 0x81, 0x80 | n) if n < 126 else struct.pack("!BBH", 0x81, 0x80 | 126, n)
-    return head + mask + body
-
-
-async def _read_frames_until_close(reader: asyncio.StreamReader) -> tuple[int, list[bytes]]:
-    frames: list[bytes] = []
-    while True:
-        b0, b1 = await reader.readexactly(2)
-        n = b1 & 0x7F
-        if n == 126:
-            (n,) = struct.unpack("!H", await reader.readexactly(2))
-        elif n == 127:
-            (n,) = struct.unpack("!Q", await reader.readexactly(8))
-        payload = await reader.readexactly(n)
-        if b0 & 0x0F == 0x8:
-            return struct.unpack("!H", payload[:2])[0], frames
-        frames.append(payload)
-
-
 async def test_slow_consumer_is_cut_off_and_others_unaffected(
     start_server: ServerFactory, probe: ProbeFactory
 ) -> None:
     srv = await start_server(max_buffer=64 * 1024, client_rate=0.0, user_rate=0.0)
     good = await probe(srv)
     await good.ok("subscribe", channel="pub:slow")
-    reader, writer = await _raw_ws_no_read(srv.port)
-    writer.write(_masked_text(b'{"id":1,"op":"subscribe","channel":"pub:slow"}'))
+    reader, writer = await raw_upgrade(srv.port, rcvbuf=4096)
+    writer.write(client_frame(b'{"id":1,"op":"subscribe","channel":"pub:slow"}'))
     await writer.drain()
     publisher = await probe(srv)
     blob = "x" * 8000
@@ -253,7 +213,7 @@ async def test_slow_consumer_is_cut_off_and_others_unaffected(
             assert got[0]["data"]["n"] == n - 1
             assert n < 5000, "slow consumer was never cut off"
     # The slow client, reading again, finds the disconnect push and the close code 4008.
-    code, frames = await asyncio.wait_for(_read_frames_until_close(reader), 10)
+    code, frames = await asyncio.wait_for(read_until_close(reader), 10)
     assert code == CloseCode.SLOW_CONSUMER
     assert b'"type":"disconnect"' in frames[-1] and b'"reconnect":true' in frames[-1]
     writer.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import struct
 import zlib
 
@@ -21,24 +20,7 @@ from tidings.protocol.frames import (
 )
 
 from .conftest import Server
-
-
-def client_frame(
-    payload: bytes, opcode: int = OP_TEXT, *, fin: bool = True, rsv1: bool = False, masked: bool = True
-) -> bytes:
-    b0 = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
-    n = len(payload)
-    mbit = 0x80 if masked else 0
-    if n < 126:
-        head = struct.pack("!BB", b0, mbit | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", b0, mbit | 126, n)
-    else:
-        head = struct.pack("!BBQ", b0, mbit | 127, n)
-    if not masked:
-        return head + payload
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+from .rawws import client_frame
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import socket
-import struct
 import time
 from typing import Any
 
@@ -21,6 +19,7 @@ import pytest
 from tidings.protocol import CloseCode, ErrorCode, deflate_payload
 
 from .conftest import API_KEY, Probe, ProbeFactory, Server, ServerFactory, api_headers
+from .rawws import client_frame, raw_upgrade, read_frame, read_until_close
 
 SECRET = "limits-test-secret-0123456789abcdefghijkl"
 WITNESS_CHANNEL = "pub:witness"
@@ -68,60 +67,6 @@ def frame(**fields: Any) -> str:
 
 async def closed_with(p: Probe, code: int, timeout: float = 10.0) -> None:
     assert await p.wait_closed(timeout) == code
-
-
-# ---------------------------------------------------------------------------------------------- raw sockets
-
-
-async def raw_upgrade(
-    port: int, rcvbuf: int | None = None, headers: str = ""
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A hand-written WebSocket client: it answers nothing and reads only when told to."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
-    writer.write(
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n".encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    assert b" 101 " in head, head
-    return reader, writer
-
-
-def masked(payload: bytes, opcode: int = 0x1) -> bytes:
-    mask = b"\x37\xfa\x21\x3d"
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    return head + mask + body
-
-
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    b0, b1 = await reader.readexactly(2)
-    n = b1 & 0x7F
-    if n == 126:
-        (n,) = struct.unpack("!H", await reader.readexactly(2))
-    elif n == 127:
-        (n,) = struct.unpack("!Q", await reader.readexactly(8))
-    return b0 & 0x0F, await reader.readexactly(n)
-
-
-async def read_until_close(reader: asyncio.StreamReader) -> tuple[int, list[bytes]]:
-    frames: list[bytes] = []
-    while True:
-        op, payload = await read_frame(reader)
-        if op == 0x8:
-            return struct.unpack("!H", payload[:2])[0], frames
-        frames.append(payload)
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -202,7 +147,7 @@ async def test_slow_consumer_4008(
     srv = await start_server(max_buffer=64 * 1024, client_rate=0.0, user_rate=0.0)
     w = await watch(srv, probe, session)
     reader, writer = await raw_upgrade(srv.port, rcvbuf=4096)
-    writer.write(masked(frame(id=1, op="subscribe", channel=WITNESS_CHANNEL).encode()))
+    writer.write(client_frame(frame(id=1, op="subscribe", channel=WITNESS_CHANNEL).encode()))
     await writer.drain()
     publisher = await probe(srv)
     blob = "x" * 16000
