@@ -97,6 +97,7 @@ static int max_pending = 0;
 static int echo_rounds = 0;
 static int echo_size = 32;
 static int want_hist = 0;
+static int per_offset = 0; /* --per-offset: max latency per publication offset */
 static const char *origin = NULL;
 static const char *token = NULL;
 
@@ -116,6 +117,10 @@ static uint64_t hist[HIST_N], hist_count = 0;
 static int64_t lat_max_us = 0;
 static uint64_t done_hist[HIST_N], done_count = 0;
 static int64_t done_max_us = 0;
+#define PER_OFF_N 4096 /* offsets 1..PER_OFF_N-1 tracked by --per-offset; later ones counted as beyond */
+static int64_t off_max_us[PER_OFF_N];
+static uint32_t off_count[PER_OFF_N];
+static uint64_t off_beyond = 0;
 static uint64_t persec[PERSEC_N];
 static uint8_t *rbuf;
 static size_t rbuf_cap;
@@ -612,7 +617,9 @@ static void handle_message(conn *c, const uint8_t *p, size_t n, int64_t t) {
         int64_t iv;
         double dv;
         int fl;
+        int64_t off_v = -1;
         if (off && parse_num(off, end, &iv, &dv, &fl)) {
+            off_v = iv;
             if (c->last_off >= 0) {
                 if (iv <= c->last_off)
                     dups++;
@@ -626,7 +633,20 @@ static void handle_message(conn *c, const uint8_t *p, size_t n, int64_t t) {
         if (mode == M_SUB) {
             const uint8_t *d = find_key(p, n, "\"data\"", 6);
             const uint8_t *tv = d ? find_key(d, (size_t)(end - d), "\"t\"", 3) : NULL;
-            if (tv && parse_num(tv, end, &iv, &dv, &fl)) record_latency(t - to_ns(iv, dv, fl));
+            if (tv && parse_num(tv, end, &iv, &dv, &fl)) {
+                int64_t lat = t - to_ns(iv, dv, fl);
+                record_latency(lat);
+                if (per_offset && off_v >= 0) {
+                    if (off_v < PER_OFF_N) {
+                        int64_t us = lat / 1000;
+                        if (us < 0) us = 0;
+                        if (!off_count[off_v] || us > off_max_us[off_v]) off_max_us[off_v] = us;
+                        off_count[off_v]++;
+                    } else {
+                        off_beyond++;
+                    }
+                }
+            }
         }
     } else if ((size_t)(end - ty) >= 12 && memcmp(ty, "\"disconnect\"", 12) == 0) {
         disconnect_pushes++;
@@ -904,6 +924,17 @@ static void print_report(void) {
             }
         printf("],\"done_max_us\":%lld", (long long)done_max_us);
     }
+    if (per_offset) { /* [offset, max latency us over this process's connections, receivers] */
+        printf(",\"per_offset\":[");
+        int first = 1;
+        for (int i = 0; i < PER_OFF_N; i++) {
+            if (off_count[i]) {
+                printf("%s[%d,%lld,%u]", first ? "" : ",", i, (long long)off_max_us[i], off_count[i]);
+                first = 0;
+            }
+        }
+        printf("],\"per_offset_beyond\":%llu", (unsigned long long)off_beyond);
+    }
     printf("}\n");
     fflush(stdout);
 }
@@ -944,7 +975,9 @@ static void usage(void) {
             "      --rounds R          echo round trips per connection (0: until duration) [0]\n"
             "      --echo-size B       echo message size in bytes [32]\n"
             "      --origin URL        send this Origin header\n"
-            "      --hist              include the latency histogram in the JSON (for merging)\n");
+            "      --hist              include the latency histogram in the JSON (for merging)\n"
+            "      --per-offset        per publication offset (1..4095): max latency over this process's\n"
+            "                          connections and receiver count, as \"per_offset\" in the JSON\n");
 }
 
 int main(int argc, char **argv) {
@@ -961,7 +994,8 @@ int main(int argc, char **argv) {
         {"ready-timeout", required_argument, 0, 11}, {"max-pending", required_argument, 0, 12},
         {"rounds", required_argument, 0, 13}, {"echo-size", required_argument, 0, 14},
         {"origin", required_argument, 0, 15}, {"hist", no_argument, 0, 16},
-        {"token", required_argument, 0, 17},   {"help", no_argument, 0, 'h'},
+        {"token", required_argument, 0, 17},   {"per-offset", no_argument, 0, 18},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "H:p:P:n:c:e:d:q:h", opts, NULL)) != -1) {
@@ -991,6 +1025,7 @@ int main(int argc, char **argv) {
         case 15: origin = optarg; break;
         case 16: want_hist = 1; break;
         case 17: token = optarg; break;
+        case 18: per_offset = 1; break;
         case 'h': usage(); return 0;
         default: usage(); return 2;
         }

@@ -17,7 +17,8 @@ from .transports.flush import FLUSHER, Flusher
 from .transports.http_api import api_routes, error_middleware
 from .transports.pages import page_routes, security_headers
 from .transports.seed import CHAT_BRIDGE, ChatBridge, chatsocket_handler, echo_handler
-from .transports.websocket import HEARTBEAT, Heartbeat, ws_handler
+from .transports.websocket import ws_handler
+from .transports.wsbase import HEARTBEAT, Heartbeat
 
 __all__ = ["create_app"]
 

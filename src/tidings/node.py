@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -13,11 +13,17 @@ from .auth import TokenVerifier
 from .backends.base import Broker, HistoryResult
 from .config import Namespace, Settings
 from .history import can_recover
-from .hub import Hub, Sink
+from .hub import Hub
 from .limits import ConnectionLimiter, FailureLimiter, RateLimiter, parse_networks
-from .protocol import ErrorCode, ProtocolError, Publication, StreamPosition, is_valid_channel
+from .protocol import CloseCode, ErrorCode, ProtocolError, Publication, StreamPosition, is_valid_channel
 
-__all__ = ["NODE", "Node"]
+__all__ = ["NODE", "Connection", "Node"]
+
+
+class Connection(Protocol):
+    """What the node needs of any open client connection (to count it and to close it on shutdown)."""
+
+    def close(self, code: CloseCode, reason: str | None = None) -> None: ...
 
 
 class Node:
@@ -25,7 +31,7 @@ class Node:
         self.settings = settings
         self.broker = broker
         self.hub = Hub(max_pending_bytes=settings.max_buffer)
-        self.connections: set[Sink] = set()
+        self.connections: set[Connection] = set()
         self.drained = asyncio.Event()  # set whenever the last connection goes away
         self.started = time.time()
         self.tokens = TokenVerifier(settings)
@@ -34,7 +40,7 @@ class Node:
         self.auth_failures = FailureLimiter(settings.api_failures_per_minute)
         self.trusted_proxies = parse_networks(settings.trusted_proxies)
 
-    def forget(self, conn: Sink) -> None:
+    def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if not self.connections:
             self.drained.set()

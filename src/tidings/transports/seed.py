@@ -15,15 +15,24 @@ import re
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-from ..backends.base import BrokerError
-from ..node import NODE, Node
-from ..protocol import CLOSE_REASONS, CloseCode, ProtocolError, Publication, text_frame
-from .flush import FLUSHER, Flusher
-from .origin import origin_allowed
+from ..node import Node
+from ..protocol import ProtocolError, Publication, text_frame
+from .flush import Flusher
+from .wsbase import WsProtocol, upgrade
 
-__all__ = ["CHAT_CHANNEL", "ChatBridge", "chat_body", "chatsocket_handler", "echo_handler", "linkify"]
+__all__ = [
+    "CHAT_BRIDGE",
+    "CHAT_CHANNEL",
+    "ChatBridge",
+    "ChatSocket",
+    "EchoSocket",
+    "chat_body",
+    "chatsocket_handler",
+    "echo_handler",
+    "linkify",
+]
 
 log = logging.getLogger("tidings.seed")
 
@@ -64,129 +73,89 @@ def demo_message(pub: Publication) -> dict[str, str]:
     }
 
 
-class _ChatClient:
-    __slots__ = ("close_task", "flusher", "pending", "pending_bytes", "transport", "ws")
+class ChatSocket(WsProtocol):
+    """A /chatsocket client: the demo's ``{"body"}`` in, the bridge's ``{"id", "body", "html"}`` out."""
 
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request, flusher: Flusher) -> None:
-        self.ws = ws
-        self.transport = request.transport
-        self.flusher = flusher
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.close_task: asyncio.Task[bool] | None = None
+    __slots__ = ("bridge",)
 
-    def offer(self, frame: bytes, limit: int) -> bool:
-        t = self.transport
-        if t is None or t.is_closing():
-            return False
-        size = self.pending_bytes + len(frame)
-        if t.get_write_buffer_size() + size > limit:
-            return False
-        if not self.pending:
-            self.flusher.mark(self)
-        self.pending.append(frame)
-        self.pending_bytes = size
-        return True
+    def __init__(
+        self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
+    ) -> None:
+        super().__init__(node, transport, ip, flusher, deflate)
+        self.bridge: ChatBridge | None = None
 
-    def flush(self) -> None:
-        data = b"".join(self.pending)
-        self.pending.clear()
-        self.pending_bytes = 0
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+    def start(self, tail: bytes, request: web.Request) -> None:
+        self.bridge = request.app[CHAT_BRIDGE]
+        self.bridge.add(self)
+        super().start(tail, request)
 
-    def close_slow(self) -> None:
-        """Cut off a reader that fell behind: close 4008, and abort if it does not take the close frame."""
-        code = CloseCode.SLOW_CONSUMER
-        self.close_task = asyncio.get_running_loop().create_task(
-            self.ws.close(code=int(code), message=CLOSE_REASONS[code].encode())
-        )
-        transport = self.transport
-        if transport is not None:
-            asyncio.get_running_loop().call_later(5.0, transport.abort)
+    def detach(self) -> None:
+        if self.bridge is not None:
+            self.bridge.remove(self)
+            self.bridge = None
+
+    def on_text(self, payload: bytes) -> None:
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            obj = None
+        ns = self.node.settings.namespace_for(CHAT_CHANNEL)
+        if not isinstance(obj, dict) or not isinstance(obj.get("body"), str) or ns is None:
+            log.info("chatsocket: ignored a message without a string body")  # the demo ignored them too
+            return
+        try:
+            fut = self.node.publish(CHAT_CHANNEL, {"body": obj["body"]}, ns)
+        except ProtocolError as exc:
+            log.info("chatsocket: message refused: %s", exc)
+            return
+        fut.add_done_callback(_log_failure)
+
+
+def _log_failure(fut: asyncio.Future[Publication]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.info("chatsocket: message not stored: %s", fut.exception())
 
 
 class ChatBridge:
-    """Every /chatsocket client of this node, fed from the hub's chat:lobby."""
+    """Every /chatsocket client of this node, fed from the hub's chat:lobby: each publication is rendered
+    and framed once for all of them."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.clients: set[_ChatClient] = set()
+        self.clients: set[ChatSocket] = set()
 
-    def add(self, client: _ChatClient) -> None:
+    def add(self, client: ChatSocket) -> None:
         if not self.clients:
             self.node.hub.add_listener(CHAT_CHANNEL, self.on_publication)
         self.clients.add(client)
 
-    def remove(self, client: _ChatClient) -> None:
+    def remove(self, client: ChatSocket) -> None:
         self.clients.discard(client)
         if not self.clients:
             self.node.hub.remove_listener(CHAT_CHANNEL, self.on_publication)
 
     def on_publication(self, pub: Publication) -> None:
         frame = text_frame(orjson.dumps(demo_message(pub)))
-        limit = self.node.settings.max_buffer
         for c in list(self.clients):
-            if not c.offer(frame, limit):
-                self.remove(c)
-                c.close_slow()
+            c.offer(frame)  # a client that cannot keep up is closed (4008) and leaves the bridge
 
 
 CHAT_BRIDGE = web.AppKey("tidings.chat_bridge", ChatBridge)
 
 
-async def _prepare(request: web.Request) -> web.WebSocketResponse:
-    node = request.app[NODE]
-    if not origin_allowed(request, node.settings.allowed_origins):
-        raise web.HTTPForbidden(text="cross-origin WebSocket refused\n")
-    ws = web.WebSocketResponse(
-        max_msg_size=node.settings.max_message_size,
-        heartbeat=node.settings.ping_interval or None,
-    )
-    await ws.prepare(request)
-    return ws
+class EchoSocket(WsProtocol):
+    """/websocket: every text frame comes back as ``You said: <text>``."""
+
+    __slots__ = ()
+
+    def on_text(self, payload: bytes) -> None:
+        self.offer(text_frame(b"You said: " + payload))
 
 
 async def echo_handler(request: web.Request) -> web.StreamResponse:
-    """``/websocket``: every text frame comes back as ``You said: <text>``."""
-    ws = await _prepare(request)
-    async for msg in ws:
-        if msg.type == WSMsgType.TEXT:
-            await ws.send_str("You said: " + msg.data)
-        elif msg.type == WSMsgType.BINARY:
-            await ws.close(code=int(CloseCode.UNSUPPORTED_DATA), message=b"binary frames are not supported")
-            break
-    return ws
+    return await upgrade(request, EchoSocket)
 
 
 async def chatsocket_handler(request: web.Request) -> web.StreamResponse:
     """``/chatsocket``: the original demo's chat protocol on the hub's ``chat:lobby``."""
-    ws = await _prepare(request)
-    node = request.app[NODE]
-    bridge = request.app[CHAT_BRIDGE]
-    client = _ChatClient(ws, request, request.app[FLUSHER])
-    bridge.add(client)
-    ns = node.settings.namespace_for(CHAT_CHANNEL)
-    try:
-        async for msg in ws:
-            if msg.type == WSMsgType.BINARY:
-                await ws.close(
-                    code=int(CloseCode.UNSUPPORTED_DATA), message=b"binary frames are not supported"
-                )
-                break
-            if msg.type != WSMsgType.TEXT:
-                break
-            try:
-                obj = orjson.loads(msg.data)
-            except orjson.JSONDecodeError:
-                continue  # the demo ignored what it could not parse; so do we (and log it)
-            if not isinstance(obj, dict) or not isinstance(obj.get("body"), str) or ns is None:
-                log.info("chatsocket: ignored a message without a string body")
-                continue
-            try:
-                await node.publish(CHAT_CHANNEL, {"body": obj["body"]}, ns)
-            except (ProtocolError, BrokerError) as exc:
-                log.info("chatsocket: message refused: %s", exc)
-    finally:
-        bridge.remove(client)
-    return ws
+    return await upgrade(request, ChatSocket)

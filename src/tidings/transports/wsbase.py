@@ -1,0 +1,360 @@
+"""The WebSocket transport shared by /ws, /chatsocket and /websocket.
+
+aiohttp parses the HTTP upgrade request; once it is accepted (:func:`upgrade`), the connection's transport
+is handed to a :class:`WsProtocol`, an ``asyncio.Protocol`` that parses frames itself
+(``protocol.frames``). An idle connection is then one small object: no task, no reader queue, no
+per-connection timer (pings come from one :class:`Heartbeat` for all connections). Frames queued for a
+connection during one loop iteration go out in one write (:class:`~tidings.transports.flush.Flusher`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import itertools
+import logging
+import secrets
+import socket
+from collections.abc import Callable
+
+from aiohttp import web
+
+from ..limits import client_ip
+from ..node import NODE, Node
+from ..protocol import CLOSE_REASONS, CloseCode, disconnect_push, text_frame
+from ..protocol.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameError,
+    FrameParser,
+    close_frame,
+    control_frame,
+)
+from .flush import FLUSHER, Flusher
+from .origin import origin_allowed
+
+__all__ = ["CLOSE_GRACE", "HEARTBEAT", "Heartbeat", "WsProtocol", "upgrade"]
+
+log = logging.getLogger("tidings.ws")
+
+_ids = itertools.count(1)
+CLOSE_GRACE = 5.0  # seconds a closing peer gets to take its last frames before the socket is aborted
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+_PUSH_BEFORE_CLOSE = frozenset({CloseCode.GOING_AWAY, CloseCode.UNSUPPORTED_DATA, CloseCode.INTERNAL_ERROR})
+
+
+class WsProtocol(asyncio.Protocol):
+    """One WebSocket peer: frames in (:meth:`on_text`), frames out (:meth:`offer`), closing by the RFC.
+
+    Subclasses implement :meth:`on_text`, and may extend :meth:`start`, :meth:`detach` and
+    :meth:`allow_ping`."""
+
+    __slots__ = (
+        "_abort_handle",
+        "_buffer",
+        "_buffered",
+        "_closing",
+        "_flusher",
+        "_parser",
+        "_tbuf",
+        "client_id",
+        "counted",
+        "deflate",
+        "ip",
+        "node",
+        "pinged",
+        "rx",
+        "transport",
+    )
+
+    def __init__(
+        self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
+    ) -> None:
+        self.node = node
+        self.transport = transport
+        self.ip = ip
+        self._flusher = flusher
+        self.deflate = deflate
+        self.counted = False  # holds a place in the connection limits
+        self.client_id = f"{next(_ids):x}-{secrets.token_hex(4)}"
+        self._parser = FrameParser(node.settings.max_message_size, deflate=deflate)
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._tbuf = 0  # the transport's buffer after the last flush: an upper bound until the next one
+        self._closing = False
+        self.rx = True  # something arrived since the last heartbeat tick
+        self.pinged = False
+        self._abort_handle: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------------------ hooks
+
+    def on_text(self, payload: bytes) -> None:
+        """A complete text message (valid UTF-8) arrived."""
+        raise NotImplementedError
+
+    def start(self, tail: bytes, request: web.Request) -> None:
+        """Called once the handshake response is written and this object owns the transport."""
+        self.register()
+        if tail:
+            self.data_received(tail)
+
+    def register(self) -> None:
+        """Count this connection in the node and start reading."""
+        self.node.connections.add(self)
+        self.node.drained.clear()
+        self.transport.resume_reading()
+
+    def detach(self) -> None:
+        """Stop taking messages from the rest of the server (called once closing starts)."""
+
+    def allow_ping(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------------------ sending
+
+    def offer(self, frame: bytes) -> bool:
+        """Queue a frame without blocking; False when closed, or when the peer is too slow (closed 4008)."""
+        if self._closing:
+            return False
+        size = self._buffered + len(frame)
+        if size + self._tbuf > self.node.settings.max_buffer:
+            self.close(CloseCode.SLOW_CONSUMER)
+            return False
+        if not self._buffer:
+            self._flusher.mark(self)
+        self._buffer.append(frame)
+        self._buffered = size
+        return True
+
+    def flush(self) -> None:
+        buf = self._buffer
+        if not buf:
+            return
+        data = b"".join(buf) if len(buf) > 1 else buf[0]
+        buf.clear()
+        self._buffered = 0
+        transport = self.transport
+        if not transport.is_closing():
+            transport.write(data)
+            self._tbuf = transport.get_write_buffer_size()
+
+    def close(self, code: CloseCode, reason: str | None = None) -> None:
+        """Say why (a disconnect push), send the close frame, and drop the socket once the peer answered
+        (or after CLOSE_GRACE seconds)."""
+        if self._closing:
+            return
+        self._closing = True
+        reason = reason or CLOSE_REASONS.get(code, "")
+        if code != CloseCode.NORMAL:
+            log.info("closing %s (%s): %d %s", self.client_id, self.ip, code, reason)
+        # The last frames go out even past the buffer limit: they are the last this peer gets.
+        if code >= 4000 or code in _PUSH_BEFORE_CLOSE:
+            self._buffer.append(text_frame(disconnect_push(int(code), reason, code.reconnect)))
+        self._buffer.append(close_frame(int(code), reason))
+        self.flush()
+        self.detach()
+        self._abort_handle = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
+
+    def ping(self) -> None:
+        if not self._closing:
+            self.pinged = True
+            self.offer(control_frame(OP_PING))
+
+    # ------------------------------------------------------------------------------ asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        self.rx = True
+        self.pinged = False
+        try:
+            frames = self._parser.feed(data)
+        except FrameError as exc:
+            self._protocol_error(exc.code, exc.reason)
+            return
+        for opcode, payload in frames:
+            if self._closing:
+                if opcode == OP_CLOSE:
+                    self.transport.close()
+                return
+            if opcode == OP_TEXT:
+                self.on_text(payload)
+            elif opcode == OP_PING:
+                if self.allow_ping():
+                    self.offer(control_frame(OP_PONG, payload))
+            elif opcode == OP_CLOSE:
+                self._on_close_frame(payload)
+            elif opcode == OP_BINARY:
+                self.close(CloseCode.UNSUPPORTED_DATA)
+            # OP_PONG: being alive is all it says
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        node = self.node
+        node.forget(self)
+        if self.counted:
+            self.counted = False
+            node.conn_limits.release(self.ip)
+        self._closing = True
+        self.detach()
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+        self._buffer.clear()
+
+    def _protocol_error(self, code: int, reason: str) -> None:
+        """_Fail the WebSocket connection_ (RFC 6455 §7.1.7): close frame, then close the socket."""
+        if not self._closing:
+            self._closing = True
+            log.info("closing %s (%s): %d %s", self.client_id, self.ip, code, reason)
+            self.flush()
+            self.transport.write(close_frame(code, reason))
+            self.detach()
+            self._abort_handle = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
+        self.transport.close()
+
+    def _on_close_frame(self, payload: bytes) -> None:
+        """Answer the peer's close: with its code when that is a valid one (RFC 6455 §7.4), else 1002."""
+        if len(payload) == 1:
+            code = 1002
+        elif not payload:
+            code = 1000
+        else:
+            code = int.from_bytes(payload[:2], "big")
+            valid = 1000 <= code <= 1003 or 1007 <= code <= 1011 or 3000 <= code <= 4999
+            if not valid:
+                code = 1002
+        self._closing = True
+        self.flush()
+        self.transport.write(close_frame(code))
+        self.detach()
+        self.transport.close()
+
+
+class Heartbeat:
+    """One timer for every connection: each tick, a connection that sent nothing since the last tick is
+    pinged; one that then stays silent for another tick is dropped (its peer is gone)."""
+
+    def __init__(self, node: Node, interval: float) -> None:
+        self.node = node
+        self.interval = interval
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._handle = asyncio.get_running_loop().call_later(self.interval, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        for conn in list(self.node.connections):
+            if not isinstance(conn, WsProtocol):
+                continue
+            if conn.rx:
+                conn.rx = False
+            elif conn.pinged:
+                log.info("dropping %s (%s): no pong", conn.client_id, conn.ip)
+                conn.transport.abort()
+            else:
+                conn.ping()
+        self._handle = asyncio.get_running_loop().call_later(self.interval, self._tick)
+
+
+HEARTBEAT = web.AppKey("tidings.heartbeat", Heartbeat)
+
+
+def _handshake_error(text: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=text + "\n", headers={"Sec-WebSocket-Version": "13"})
+
+
+def _accept(request: web.Request) -> bytes:
+    """Check the upgrade request (RFC 6455 §4.2.1) and return the Sec-WebSocket-Accept value."""
+    h = request.headers
+    if request.method != "GET":
+        raise web.HTTPMethodNotAllowed(request.method, ["GET"])
+    if "websocket" not in h.get("Upgrade", "").lower():
+        raise _handshake_error("expected a WebSocket upgrade (Upgrade: websocket)")
+    if "upgrade" not in h.get("Connection", "").lower():
+        raise _handshake_error("expected Connection: Upgrade")
+    if h.get("Sec-WebSocket-Version") != "13":
+        raise _handshake_error("only WebSocket version 13 is supported")
+    key = h.get("Sec-WebSocket-Key", "")
+    try:
+        ok = len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _handshake_error("invalid Sec-WebSocket-Key")
+    return base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest())
+
+
+def _wants_deflate(request: web.Request) -> bool:
+    """permessage-deflate offered, and acceptable with no context takeover and full windows."""
+    for offer in request.headers.get("Sec-WebSocket-Extensions", "").split(","):
+        params = [p.strip().lower() for p in offer.split(";")]
+        if params[0] != "permessage-deflate":
+            continue
+        if any(p.startswith("server_max_window_bits=") and p != "server_max_window_bits=15" for p in params):
+            continue  # we compress with the full window, once for every receiver
+        return True
+    return False
+
+
+async def upgrade(
+    request: web.Request, make: Callable[[Node, asyncio.Transport, str, Flusher, bool], WsProtocol]
+) -> web.StreamResponse:
+    """Accept a WebSocket upgrade and hand the socket to the protocol object ``make`` builds."""
+    node = request.app[NODE]
+    settings = node.settings
+    if not origin_allowed(request, settings.allowed_origins):
+        raise web.HTTPForbidden(text="cross-origin WebSocket refused\n")
+    ip = client_ip(request, node.trusted_proxies)
+    wait = node.auth_failures.blocked_for(ip)
+    if wait > 0:
+        raise web.HTTPTooManyRequests(
+            text="too many failed authentications\n", headers={"Retry-After": str(int(wait) + 1)}
+        )
+    accept = _accept(request)
+    transport = request.transport
+    handler = request.protocol
+    if transport is None or transport.is_closing():
+        raise web.HTTPBadRequest(text="connection closed\n")
+    deflate = settings.compression and _wants_deflate(request)
+    head = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n"
+    )
+    if deflate:
+        head += (
+            b"Sec-WebSocket-Extensions: permessage-deflate; "
+            b"server_no_context_takeover; client_no_context_takeover\r\n"
+        )
+    # Take the socket over from aiohttp: its request handler lets go of the transport (so it neither
+    # writes a response nor closes it) and is released; the new object becomes the transport's protocol.
+    # (uvloop's transports are not registered asyncio.Transport subclasses: no isinstance check here)
+    transport.pause_reading()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:  # pushes are small and latency matters: no Nagle delay
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tail = bytes(getattr(handler, "_message_tail", b""))
+    conn = make(node, transport, ip, request.app[FLUSHER], deflate)
+    transport.write(head + b"\r\n")
+    transport.set_protocol(conn)
+    handler.transport = None
+    handler.connection_lost(None)
+    conn.counted = node.conn_limits.acquire(ip)
+    if not conn.counted:
+        transport.resume_reading()  # to see the peer's answer to the close frame
+        conn.close(CloseCode.TOO_MANY_CONNECTIONS)
+    else:
+        conn.start(tail, request)
+    # Never sent: aiohttp's side of this connection has no transport any more.
+    return web.Response(status=101)
