@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,8 @@ class Cfg:
     ready_timeout: float
     out: Path | None
     no_wrk: bool = False
+    busy_poll: bool = False
+    steer_rx: bool = False
 
 
 @dataclass
@@ -346,6 +348,7 @@ async def start_loadgens(
             "--ready-timeout",
             f"{cfg.ready_timeout:g}",
             "--hist",
+            *(["--busy-poll"] if cfg.busy_poll else []),
         ]
         off += cnt
         lgs.append(Loadgen(argv))
@@ -1248,6 +1251,17 @@ def write_report(cfg: Cfg, results: list[Result], started: dt.datetime, argv: li
         f"| Placement | server on CPU {cfg.server_cpu}, "
         f"load generators and publisher on CPU {cfg.client_cpu} |"
     )
+    L.append(
+        "| Loopback receive path | "
+        + (
+            f"steered to CPU {cfg.client_cpu} (RPS on lo), as a client machine's own kernel would do it |"
+            if cfg.steer_rx
+            else "on the sending CPU (the Linux default for lo): the server pays its clients' receive path |"
+        )
+    )
+    L.append(
+        f"| Load generators | {'busy-polling (never sleep)' if cfg.busy_poll else 'sleep in epoll_wait'} |"
+    )
     L.append(f"| Command | `{redact(shlex.join(['python', *argv]))}` |")
     L.append("")
     L.append(
@@ -1342,6 +1356,16 @@ def parse_args(argv: list[str]) -> tuple[Cfg, list[str]]:
     p.add_argument(
         "--no-wrk", action="store_true", help="http-publish via the Python publisher even with wrk"
     )
+    p.add_argument(
+        "--steer-rx",
+        action="store_true",
+        help="receive processing of loopback packets on the client CPU (RPS on lo; root; restored after)",
+    )
+    p.add_argument(
+        "--busy-poll",
+        action="store_true",
+        help="load generators never sleep: the server's writes need no cross-CPU wakeup (see README)",
+    )
     a = p.parse_args(argv)
     sizes = QUICK if a.quick else FULL
     if a.subs:
@@ -1371,6 +1395,8 @@ def parse_args(argv: list[str]) -> tuple[Cfg, list[str]]:
         ready_timeout=a.ready_timeout,
         out=Path(a.out) if a.out else None,
         no_wrk=a.no_wrk,
+        busy_poll=a.busy_poll,
+        steer_rx=a.steer_rx,
     )
     names = [n.strip() for n in a.only.split(",") if n.strip()] or list(SCENARIOS)
     for n in names:
@@ -1379,13 +1405,35 @@ def parse_args(argv: list[str]) -> tuple[Cfg, list[str]]:
     return cfg, names
 
 
+RPS_LO = Path("/sys/class/net/lo/queues/rx-0/rps_cpus")
+
+
+@contextlib.contextmanager
+def steered_rx(cpu: int | None, enabled: bool) -> Iterator[None]:
+    """Process loopback receives on ``cpu`` (the clients' CPU) for the duration; restore after.
+
+    On loopback the sender's CPU normally also runs the receiver's TCP input path (about 4 µs per segment
+    here), so the server would be charged for work a client machine's kernel does in production."""
+    if not enabled:
+        yield
+        return
+    if cpu is None:
+        raise SystemExit("--steer-rx needs pinning (a client CPU)")
+    old = RPS_LO.read_text().strip()
+    RPS_LO.write_text(f"{1 << cpu:x}\n")
+    try:
+        yield
+    finally:
+        RPS_LO.write_text(old + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg, names = parse_args(argv)
     build_loadgen()
     if cfg.client_cpu is not None:
         os.sched_setaffinity(0, {cfg.client_cpu})  # inherited by loadgens and the publisher
-    with asyncio.Runner() as runner:
+    with steered_rx(cfg.client_cpu, cfg.steer_rx), asyncio.Runner() as runner:
         out = runner.run(main_async(cfg, names, ["bench/run.py", *argv]))
     print(out)
     return 0
