@@ -27,6 +27,10 @@ from tidings.transports.server import make_runner
 
 API_KEY = "test-key-0123456789"
 
+# Subprocesses (`python -m tidings ...`) run this checkout's code too, whatever is installed.
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)
+
 
 def bound_socket(host: str = "127.0.0.1") -> socket.socket:
     """A listening socket on a free port: the port is known before the server starts, so nothing races."""

@@ -39,6 +39,7 @@ from ..protocol import (
     SubscribeCmd,
     UnsubscribeCmd,
     decode_frame,
+    disconnect_push,
     encode_error,
     encode_ok,
     parse_command,
@@ -48,6 +49,8 @@ from .flush import Flusher
 from .wsbase import WsProtocol, upgrade
 
 __all__ = ["WsConnection", "ws_handler"]
+
+_PUSH_BEFORE_CLOSE = frozenset({CloseCode.GOING_AWAY, CloseCode.UNSUPPORTED_DATA, CloseCode.INTERNAL_ERROR})
 
 log = logging.getLogger("tidings.ws")
 
@@ -115,6 +118,12 @@ class WsConnection(WsProtocol):
 
     def allow_ping(self) -> bool:
         return self.bucket.take()  # pings count against the command rate: no free CPU
+
+    def last_words(self, code: CloseCode, reason: str) -> bytes | None:
+        """The ``disconnect`` push, for clients whose WebSocket API hides close codes."""
+        if code >= 4000 or code in _PUSH_BEFORE_CLOSE:
+            return text_frame(disconnect_push(int(code), reason, code.reconnect))
+        return None
 
     def detach(self) -> None:
         """Leave every channel (a closing connection takes no more publications)."""

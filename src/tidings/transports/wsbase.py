@@ -23,7 +23,7 @@ from aiohttp import web
 
 from ..limits import client_ip
 from ..node import NODE, Node
-from ..protocol import CLOSE_REASONS, CloseCode, disconnect_push, text_frame
+from ..protocol import CLOSE_REASONS, CloseCode
 from ..protocol.frames import (
     OP_BINARY,
     OP_CLOSE,
@@ -45,7 +45,6 @@ log = logging.getLogger("tidings.ws")
 _ids = itertools.count(1)
 CLOSE_GRACE = 5.0  # seconds a closing peer gets to take its last frames before the socket is aborted
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
-_PUSH_BEFORE_CLOSE = frozenset({CloseCode.GOING_AWAY, CloseCode.UNSUPPORTED_DATA, CloseCode.INTERNAL_ERROR})
 
 
 class WsProtocol(asyncio.Protocol):
@@ -115,6 +114,10 @@ class WsProtocol(asyncio.Protocol):
     def allow_ping(self) -> bool:
         return True
 
+    def last_words(self, code: CloseCode, reason: str) -> bytes | None:
+        """A frame to send just before the close frame (the protocol's own "why"), or None."""
+        return None
+
     # ------------------------------------------------------------------------------ sending
 
     def offer(self, frame: bytes) -> bool:
@@ -153,8 +156,9 @@ class WsProtocol(asyncio.Protocol):
         if code != CloseCode.NORMAL:
             log.info("closing %s (%s): %d %s", self.client_id, self.ip, code, reason)
         # The last frames go out even past the buffer limit: they are the last this peer gets.
-        if code >= 4000 or code in _PUSH_BEFORE_CLOSE:
-            self._buffer.append(text_frame(disconnect_push(int(code), reason, code.reconnect)))
+        words = self.last_words(code, reason)
+        if words is not None:
+            self._buffer.append(words)
         self._buffer.append(close_frame(int(code), reason))
         self.flush()
         self.detach()
