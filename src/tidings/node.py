@@ -19,6 +19,8 @@ from .protocol import CloseCode, ErrorCode, ProtocolError, Publication, StreamPo
 
 __all__ = ["NODE", "Connection", "Node"]
 
+NS_CACHE_SIZE = 10_000
+
 
 class Connection(Protocol):
     """What the node needs of any open client connection (to count it and to close it on shutdown)."""
@@ -32,6 +34,7 @@ class Node:
         self.broker = broker
         self.hub = Hub(max_pending_bytes=settings.max_buffer)
         self.connections: set[Connection] = set()
+        self._ns_cache: dict[str, Namespace] = {}  # valid channel -> its rules
         self.drained = asyncio.Event()  # set whenever the last connection goes away
         self.started = time.time()
         self.tokens = TokenVerifier(settings)
@@ -53,6 +56,10 @@ class Node:
 
     def namespace(self, channel: object, rid: int | str | None = None) -> Namespace:
         """The rules for ``channel``; ProtocolError invalid_field, invalid_channel or unknown_namespace."""
+        if isinstance(channel, str):
+            known = self._ns_cache.get(channel)
+            if known is not None:  # validated before: skip the regex on the hot path
+                return known
         if channel is None:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "channel is required", rid)
         if not is_valid_channel(channel):
@@ -65,6 +72,9 @@ class Node:
         ns = self.settings.namespace_for(channel)
         if ns is None:
             raise ProtocolError(ErrorCode.UNKNOWN_NAMESPACE, f"no namespace configured for {channel!r}", rid)
+        if len(self._ns_cache) >= NS_CACHE_SIZE:
+            self._ns_cache.clear()
+        self._ns_cache[channel] = ns
         return ns
 
     def publish(

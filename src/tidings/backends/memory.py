@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Any
 
-from ..protocol import Publication
+from ..protocol import Publication, new_publication_id
 from .base import DeliverFn, HistoryOptions, HistoryResult, new_epoch
 from .stream import Stream, now_ms
 
@@ -47,7 +46,7 @@ class MemoryBroker:
         encoded: bytes | None = None,
     ) -> asyncio.Future[Publication]:
         s = self._stream(channel)
-        pub = Publication(channel, s.top + 1, s.epoch, str(uuid.uuid4()), now_ms(), data, info)
+        pub = Publication(channel, s.top + 1, s.epoch, new_publication_id(), now_ms(), data, info)
         s.append(pub, opts)
         assert self._deliver is not None, "broker not started"
         self._deliver(pub)

@@ -18,7 +18,6 @@ import queue
 import sqlite3
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from ..protocol import Publication
+from ..protocol import Publication, new_publication_id
 from .base import BrokerError, DeliverFn, HistoryOptions, HistoryResult, new_epoch
 from .stream import Stream, now_ms
 
@@ -280,7 +279,7 @@ class SqliteBroker:
                 elif isinstance(item, _Pub):
                     epoch, top = self._stream_meta(db, meta, item.channel)
                     top += 1
-                    pub = Publication(item.channel, top, epoch, str(uuid.uuid4()), t, item.data, item.info)
+                    pub = Publication(item.channel, top, epoch, new_publication_id(), t, item.data, item.info)
                     if item.opts.size > 0:
                         info = orjson.dumps(item.info) if item.info is not None else None
                         rows.append(

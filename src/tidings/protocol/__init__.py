@@ -20,6 +20,7 @@ from .messages import (
     disconnect_push,
     encode_error,
     encode_ok,
+    new_publication_id,
     parse_command,
     parse_position,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "encode_ok",
     "is_valid_channel",
     "namespace_of",
+    "new_publication_id",
     "parse_command",
     "parse_position",
     "text_frame",
