@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from .auth import TokenVerifier
-from .backends.base import Broker, HistoryResult
+from .backends.base import Broker, BrokerError, HistoryResult, PublishRequest
 from .config import Namespace, Settings
 from .history import can_recover
 from .hub import Hub
@@ -85,14 +85,37 @@ class Node:
         info: dict[str, Any] | None = None,
         rid: int | str | None = None,
     ) -> asyncio.Future[Publication]:
-        """Size-check and hand to the broker. The channel and permission checks are the caller's."""
+        """One publication, size-checked, as a future. The channel and permission checks are the caller's."""
+        fut: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
+        req = self.publish_request(channel, data, ns, info, rid)
+
+        def done(result: list[Publication] | BrokerError) -> None:
+            if fut.done():
+                return
+            if isinstance(result, BrokerError):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result[0])
+
+        self.broker.publish_many([req], done)
+        return fut
+
+    def publish_request(
+        self,
+        channel: str,
+        data: Any,
+        ns: Namespace,
+        info: dict[str, Any] | None = None,
+        rid: int | str | None = None,
+    ) -> PublishRequest:
+        """A size-checked request for ``broker.publish_many`` (message_too_large if ``data`` is too big)."""
         limit = ns.max_message_size or self.settings.max_message_size
         encoded = orjson.dumps(data)
         if len(encoded) > limit:
             raise ProtocolError(
                 ErrorCode.MESSAGE_TOO_LARGE, f"data is {len(encoded)} bytes; the limit here is {limit}", rid
             )
-        return self.broker.publish(channel, data, ns.history, info, encoded)
+        return PublishRequest(channel, data, ns.history, info, encoded)
 
     async def history(
         self, channel: str, ns: Namespace, since: StreamPosition | None, limit: int | None

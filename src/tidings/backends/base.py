@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,9 +9,32 @@ from typing import Any, Protocol
 
 from ..protocol import Publication, StreamPosition
 
-__all__ = ["Broker", "BrokerError", "DeliverFn", "HistoryOptions", "HistoryResult", "new_epoch"]
+__all__ = [
+    "Broker",
+    "BrokerError",
+    "DeliverFn",
+    "HistoryOptions",
+    "HistoryResult",
+    "PublishDone",
+    "PublishRequest",
+    "new_epoch",
+]
 
 DeliverFn = Callable[[Publication], object]
+
+
+@dataclass(slots=True)
+class PublishRequest:
+    """One publication to make; ``encoded`` is ``data`` already JSON-encoded."""
+
+    channel: str
+    data: Any
+    opts: HistoryOptions
+    info: dict[str, Any] | None
+    encoded: bytes
+
+
+PublishDone = Callable[["list[Publication] | BrokerError"], None]
 
 
 class BrokerError(Exception):
@@ -50,16 +72,9 @@ class Broker(Protocol):
 
     async def close(self) -> None: ...
 
-    def publish(
-        self,
-        channel: str,
-        data: Any,
-        opts: HistoryOptions,
-        info: dict[str, Any] | None = None,
-        encoded: bytes | None = None,
-    ) -> asyncio.Future[Publication]:
-        """Append and fan out; the future resolves once the publication is durable (per the backend).
-        ``encoded`` is ``data`` already JSON-encoded, when the caller has it."""
+    def publish_many(self, reqs: list[PublishRequest], done: PublishDone) -> None:
+        """Publish ``reqs`` in order, atomically as a group (one transaction where there is one); then
+        ``done`` is called once, on the loop, with the publications or the error."""
         ...
 
     async def history(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from ..protocol import Publication, new_publication_id
-from .base import DeliverFn, HistoryOptions, HistoryResult, new_epoch
+from .base import DeliverFn, HistoryOptions, HistoryResult, PublishDone, PublishRequest, new_epoch
 from .stream import Stream, now_ms
 
 __all__ = ["MemoryBroker"]
@@ -37,22 +36,16 @@ class MemoryBroker:
             s = self._streams[channel] = Stream(new_epoch())
         return s
 
-    def publish(
-        self,
-        channel: str,
-        data: Any,
-        opts: HistoryOptions,
-        info: dict[str, Any] | None = None,
-        encoded: bytes | None = None,
-    ) -> asyncio.Future[Publication]:
-        s = self._stream(channel)
-        pub = Publication(channel, s.top + 1, s.epoch, new_publication_id(), now_ms(), data, info)
-        s.append(pub, opts)
+    def publish_many(self, reqs: list[PublishRequest], done: PublishDone) -> None:
         assert self._deliver is not None, "broker not started"
-        self._deliver(pub)
-        fut: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
-        fut.set_result(pub)
-        return fut
+        pubs = []
+        for r in reqs:
+            s = self._stream(r.channel)
+            pub = Publication(r.channel, s.top + 1, s.epoch, new_publication_id(), now_ms(), r.data, r.info)
+            s.append(pub, r.opts)
+            self._deliver(pub)
+            pubs.append(pub)
+        done(pubs)
 
     async def history(
         self, channel: str, opts: HistoryOptions, *, since: int | None = None, limit: int | None = None

@@ -26,7 +26,15 @@ from typing import Any
 import orjson
 
 from ..protocol import Publication, new_publication_id
-from .base import BrokerError, DeliverFn, HistoryOptions, HistoryResult, new_epoch
+from .base import (
+    BrokerError,
+    DeliverFn,
+    HistoryOptions,
+    HistoryResult,
+    PublishDone,
+    PublishRequest,
+    new_epoch,
+)
 from .stream import Stream, now_ms
 
 __all__ = ["SqliteBroker"]
@@ -58,27 +66,25 @@ SWEEP_INTERVAL = 60.0
 
 
 @dataclass(slots=True)
-class _Pub:
-    channel: str
-    data: Any
-    blob: bytes
-    info: dict[str, Any] | None
-    opts: HistoryOptions
-    future: asyncio.Future[Publication]
-
-
-@dataclass(slots=True)
 class _Load:
     channel: str
     opts: HistoryOptions
     future: asyncio.Future[Stream]
 
 
+@dataclass(slots=True)
+class _Pubs:
+    """Several publications queued as one item, answered with one callback."""
+
+    reqs: list[PublishRequest]
+    done: PublishDone
+
+
 class _Stop:
     pass
 
 
-_Item = _Pub | _Load | _Stop
+_Item = _Pubs | _Load | _Stop
 
 
 class SqliteBroker:
@@ -117,22 +123,11 @@ class SqliteBroker:
 
     # ------------------------------------------------------------------------------ API
 
-    def publish(
-        self,
-        channel: str,
-        data: Any,
-        opts: HistoryOptions,
-        info: dict[str, Any] | None = None,
-        encoded: bytes | None = None,
-    ) -> asyncio.Future[Publication]:
-        assert self._loop is not None, "broker not started"
-        fut: asyncio.Future[Publication] = self._loop.create_future()
+    def publish_many(self, reqs: list[PublishRequest], done: PublishDone) -> None:
         if self._thread is None:
-            fut.set_exception(BrokerError("storage is closed"))
-            return fut
-        blob = orjson.dumps(data) if encoded is None else encoded
-        self._queue.put(_Pub(channel, data, blob, info, opts, fut))
-        return fut
+            done(BrokerError("storage is closed"))
+            return
+        self._queue.put(_Pubs(reqs, done))
 
     async def history(
         self, channel: str, opts: HistoryOptions, *, since: int | None = None, limit: int | None = None
@@ -156,8 +151,6 @@ class SqliteBroker:
 
     def _on_batch(self, results: list[tuple[_Item, Any]]) -> None:
         """Runs on the loop, in commit order: install loads, cache and deliver publications."""
-        deliver = self._deliver
-        assert deliver is not None
         for item, result in results:
             if isinstance(item, _Load):
                 self._loading.pop(item.channel, None)
@@ -171,21 +164,22 @@ class SqliteBroker:
                     self._cache.popitem(last=False)
                 if not item.future.done():
                     item.future.set_result(result)
-            elif isinstance(item, _Pub):
-                if isinstance(result, BaseException):
-                    if not item.future.done():
-                        item.future.set_exception(result)
-                    continue
-                pub: Publication = result
-                cached = self._cache.get(pub.channel)
-                if cached is not None:
-                    if cached.epoch == pub.epoch and cached.top == pub.offset - 1:
-                        cached.append(pub, item.opts)
-                    else:  # cannot happen with one writer; never serve a stale cache
-                        del self._cache[pub.channel]
-                deliver(pub)
-                if not item.future.done():
-                    item.future.set_result(pub)
+            elif isinstance(item, _Pubs):
+                if not isinstance(result, BaseException):
+                    for pub, req in zip(result, item.reqs, strict=True):
+                        self._land(pub, req.opts)
+                item.done(result)
+
+    def _land(self, pub: Publication, opts: HistoryOptions) -> None:
+        """A committed publication: into the read cache (if the channel is cached), then fan-out."""
+        cached = self._cache.get(pub.channel)
+        if cached is not None:
+            if cached.epoch == pub.epoch and cached.top == pub.offset - 1:
+                cached.append(pub, opts)
+            else:  # cannot happen with one writer; never serve a stale cache
+                del self._cache[pub.channel]
+        assert self._deliver is not None
+        self._deliver(pub)
 
     # ------------------------------------------------------------------------------ writer thread
 
@@ -220,7 +214,7 @@ class SqliteBroker:
                     except queue.Empty:
                         break
                 stop = any(isinstance(i, _Stop) for i in items)
-                work: list[_Pub | _Load] = [i for i in items if not isinstance(i, _Stop)]
+                work: list[_Pubs | _Load] = [i for i in items if not isinstance(i, _Stop)]
                 if work:
                     results = self._process(db, meta, work)
                     loop.call_soon_threadsafe(self._on_batch, results)
@@ -252,7 +246,7 @@ class SqliteBroker:
         return m
 
     def _process(
-        self, db: sqlite3.Connection, meta: dict[str, tuple[str, int]], items: list[_Pub | _Load]
+        self, db: sqlite3.Connection, meta: dict[str, tuple[str, int]], items: list[_Pubs | _Load]
     ) -> list[tuple[_Item, Any]]:
         results: list[tuple[_Item, Any]] = []
         touched: dict[str, tuple[str, int] | None] = {}  # meta before this batch, to restore on failure
@@ -266,28 +260,37 @@ class SqliteBroker:
                 )
                 rows.clear()
 
+        trims: dict[str, tuple[int, int]] = {}
+        t = now_ms()
+
+        def touch(channel: str) -> None:
+            if channel not in touched:
+                touched[channel] = meta.get(channel)
+
+        def add(
+            channel: str, data: Any, info: dict[str, Any] | None, opts: HistoryOptions, blob: bytes
+        ) -> Publication:
+            touch(channel)
+            epoch, top = self._stream_meta(db, meta, channel)
+            top += 1
+            pub = Publication(channel, top, epoch, new_publication_id(), t, data, info)
+            if opts.size > 0:
+                row_info = orjson.dumps(info) if info is not None else None
+                rows.append((channel, top, pub.id, t, t + int(opts.ttl * 1000), blob, row_info))
+            meta[channel] = (epoch, top)
+            trims[channel] = (top, opts.size)
+            return pub
+
         try:
             db.execute("BEGIN IMMEDIATE")
-            trims: dict[str, tuple[int, int]] = {}
-            t = now_ms()
             for item in items:
-                if item.channel not in touched:
-                    touched[item.channel] = meta.get(item.channel)
                 if isinstance(item, _Load):
                     insert_rows()  # the load must see everything queued before it
+                    touch(item.channel)
                     results.append((item, self._load_stream(db, meta, item)))
-                elif isinstance(item, _Pub):
-                    epoch, top = self._stream_meta(db, meta, item.channel)
-                    top += 1
-                    pub = Publication(item.channel, top, epoch, new_publication_id(), t, item.data, item.info)
-                    if item.opts.size > 0:
-                        info = orjson.dumps(item.info) if item.info is not None else None
-                        rows.append(
-                            (item.channel, top, pub.id, t, t + int(item.opts.ttl * 1000), item.blob, info)
-                        )
-                    meta[item.channel] = (epoch, top)
-                    trims[item.channel] = (top, item.opts.size)
-                    results.append((item, pub))
+                else:
+                    pubs = [add(r.channel, r.data, r.info, r.opts, r.encoded) for r in item.reqs]
+                    results.append((item, pubs))
             insert_rows()
             for ch, (top, size) in trims.items():
                 db.execute("UPDATE streams SET top=?, updated=? WHERE channel=?", (top, t, ch))

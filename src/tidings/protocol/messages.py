@@ -47,6 +47,8 @@ def new_publication_id() -> str:
     b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 MAX_HISTORY_LIMIT = 1000
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from ..auth import ANONYMOUS, Action, TokenError, check_permission
-from ..backends.base import BrokerError
+from ..backends.base import BrokerError, PublishRequest
 from ..config import Namespace
 from ..history import subscribe_with_replay
 from ..hub import frame_of
@@ -72,6 +72,8 @@ class WsConnection(WsProtocol):
         "_bad",
         "_expiry_handle",
         "_paused",
+        "_pub_reqs",
+        "_pub_rids",
         "_refused",
         "_task",
         "bucket",
@@ -93,6 +95,8 @@ class WsConnection(WsProtocol):
         self._task: asyncio.Task[None] | None = None
         self._backlog: collections.deque[bytes] | None = None
         self._paused = False
+        self._pub_reqs: list[PublishRequest] | None = None  # publishes of the current read
+        self._pub_rids: list[int | str | None] | None = None
         self._auth_handle: asyncio.TimerHandle | None = None
         self._expiry_handle: asyncio.TimerHandle | None = None
 
@@ -225,6 +229,7 @@ class WsConnection(WsProtocol):
         backlog = self._backlog
         while backlog and self._task is None and not self._closing:
             self._handle(backlog.popleft())
+        self.after_frames()
         if self._paused and (not backlog or len(backlog) < MAX_BACKLOG // 2) and not self._closing:
             self._paused = False
             self.transport.resume_reading()
@@ -288,6 +293,7 @@ class WsConnection(WsProtocol):
     # ------------------------------------------------------------------------------ ops
 
     def publish(self, cmd: PublishCmd) -> None:
+        """Checked now; queued with the other publishes of this read, sent to the broker together."""
         ns = self.node.namespace(cmd.channel, cmd.id)
         self._allow(ns, cmd.channel, "publish", cmd.id)
         info: dict[str, Any] | None = None
@@ -295,20 +301,29 @@ class WsConnection(WsProtocol):
             info = {"user": self.user, "client": self.client_id}
             if self.identity.info:
                 info["info"] = self.identity.info
-        fut = self.node.publish(cmd.channel, cmd.data, ns, info, rid=cmd.id)
-        rid = cmd.id
+        req = self.node.publish_request(cmd.channel, cmd.data, ns, info, rid=cmd.id)
+        if self._pub_reqs is None or self._pub_rids is None:
+            self._pub_reqs, self._pub_rids = [req], [cmd.id]
+        else:
+            self._pub_reqs.append(req)
+            self._pub_rids.append(cmd.id)
 
-        def done(f: asyncio.Future[Publication]) -> None:
-            if f.cancelled():
+    def after_frames(self) -> None:
+        """Hand every publish of this read to the broker as one group, answered by one callback."""
+        reqs, rids = self._pub_reqs, self._pub_rids
+        if not reqs or rids is None:
+            return
+        self._pub_reqs = self._pub_rids = None
+
+        def done(result: list[Publication] | BrokerError) -> None:
+            if isinstance(result, BrokerError):
+                for rid in rids:
+                    self.reply_error(rid, ErrorCode.UNAVAILABLE, str(result))
                 return
-            exc = f.exception()
-            if exc is not None:
-                self.reply_error(rid, ErrorCode.UNAVAILABLE, str(exc))
-            else:
-                pub = f.result()
+            for rid, pub in zip(rids, result, strict=True):
                 self._send(encode_ok(rid, {"offset": pub.offset, "epoch": pub.epoch, "id": pub.id}))
 
-        fut.add_done_callback(done)
+        self.node.broker.publish_many(reqs, done)
 
     async def subscribe(self, cmd: SubscribeCmd) -> None:
         ns = self.node.namespace(cmd.channel, cmd.id)

@@ -114,6 +114,9 @@ class WsProtocol(asyncio.Protocol):
     def allow_ping(self) -> bool:
         return True
 
+    def after_frames(self) -> None:
+        """Called after the messages of one read were handled (to act on them together)."""
+
     def last_words(self, code: CloseCode, reason: str) -> bytes | None:
         """A frame to send just before the close frame (the protocol's own "why"), or None."""
         return None
@@ -194,6 +197,8 @@ class WsProtocol(asyncio.Protocol):
             elif opcode == OP_BINARY:
                 self.close(CloseCode.UNSUPPORTED_DATA)
             # OP_PONG: being alive is all it says
+        if frames:
+            self.after_frames()
 
     def eof_received(self) -> bool | None:
         return False
