@@ -6,12 +6,13 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from tidings.protocol import CloseCode
 
 from .conftest import ProbeFactory, Server, ServerFactory, api_headers
-from .rawws import client_frame, raw_upgrade, read_until_close
+from .rawws import client_frame, raw_upgrade, read_frame, read_until_close
 
 
 async def publish(session: aiohttp.ClientSession, srv: Server, channel: str, data: Any) -> dict[str, Any]:
@@ -316,3 +317,35 @@ async def test_compression_one_frame_for_all_deflate_peers(
     first = res.publications[0]
     assert first.id == pub["id"] and first.zframe_cache is not None and first.frame_cache is not None
     assert first.zframe_cache[0] & 0x40 and len(first.zframe_cache) < len(first.frame_cache) / 10
+
+
+async def test_publishes_of_one_read_are_grouped_and_answered_each(
+    any_server: Server, probe: ProbeFactory
+) -> None:
+    """Many publish frames in one TCP write: each is checked on its own, the valid ones are stored in
+    order with consecutive offsets, and every one gets its own reply."""
+    watcher = await probe(any_server)
+    await watcher.ok("subscribe", channel="pub:grp")
+    reader, writer = await raw_upgrade(any_server.port)
+    frames = []
+    for i in range(60):
+        if i % 10 == 5:
+            frames.append({"id": i, "op": "publish", "channel": "ro:nope", "data": i})  # not allowed
+        elif i % 10 == 7:
+            frames.append({"id": i, "op": "publish", "channel": "bad name", "data": i})
+        else:
+            frames.append({"id": i, "op": "publish", "channel": "pub:grp", "data": i})
+    writer.write(b"".join(client_frame(orjson.dumps(f)) for f in frames))
+    await writer.drain()
+    replies: dict[int, dict[str, Any]] = {}
+    async with asyncio.timeout(10):
+        while len(replies) < 60:
+            _, payload = await read_frame(reader)
+            obj = orjson.loads(payload)
+            replies[obj["id"]] = obj
+    good = [i for i in range(60) if i % 10 not in (5, 7)]
+    assert [replies[i]["result"]["offset"] for i in good] == list(range(1, len(good) + 1))
+    assert all(replies[i]["error"]["code"] == "permission_denied" for i in range(5, 60, 10))
+    assert all(replies[i]["error"]["code"] == "invalid_channel" for i in range(7, 60, 10))
+    assert [m["data"] for m in await watcher.messages(len(good))] == good
+    writer.close()
