@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import time
 from typing import Any
@@ -54,12 +53,9 @@ _PUSH_BEFORE_CLOSE = frozenset({CloseCode.GOING_AWAY, CloseCode.UNSUPPORTED_DATA
 
 log = logging.getLogger("tidings.ws")
 
-_ids = itertools.count(1)
-CLOSE_GRACE = 5.0  # seconds a closing peer gets to take its last frames before the socket is aborted
 MAX_BAD_FRAMES = 100  # malformed frames in a row before the connection is closed with 4400
 MAX_REFUSED = 50  # rate-limited commands in a row before the connection is closed with 4030
 MAX_BACKLOG = 64  # commands queued behind a running one before reading pauses
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 _PUSH_BEFORE_CLOSE = frozenset({CloseCode.GOING_AWAY, CloseCode.UNSUPPORTED_DATA, CloseCode.INTERNAL_ERROR})
 
 
