@@ -414,6 +414,10 @@
       if (ev.epochChanged) {
         clearAll();
         epoch = ev.position.epoch;
+        notice("The room's history was reset on the server; showing what it has now.");
+      } else {
+        // Never a silent gap: say that older messages may be missing, then show the newest ones.
+        notice("You were away longer than the room keeps messages; some may be missing.");
       }
       loadHistory();
     });
