@@ -113,6 +113,17 @@ def test_cli_publish_subscribe_history(subprocess_server: Callable[..., Proc], t
         assert b'"offset":1' in out.stdout
         got = sub.stdout.readline()
         assert b'"data":{"text":"hi"}' in got and b'"channel":"chat:lobby"' in got
+        # While the subscriber is connected: presence and channels show it.
+        for cmd, want in (("presence", b'"user":""'), ("channels", b'"subscribers":1')):
+            extra = ["chat:lobby"] if cmd == "presence" else []
+            res = subprocess.run(
+                [sys.executable, "-m", "tidings", cmd, *extra, "--data-dir", str(srv.data_dir)],
+                capture_output=True,
+                env=env,
+                timeout=30,
+                check=True,
+            )
+            assert res.stdout.count(b"\n") == 1 and want in res.stdout, res.stdout
     finally:
         sub.terminate()
         sub.wait(10)

@@ -1,4 +1,4 @@
-"""``tidings serve | publish | subscribe | history``."""
+"""``tidings serve | publish | subscribe | history | presence | channels``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -19,6 +19,9 @@ from . import __version__
 from .auth import ensure_api_key, read_api_key
 from .config import ApiKey, ConfigError, Settings, load_settings
 from .protocol import StreamPosition
+
+if TYPE_CHECKING:
+    from .client import HTTPClient
 
 __all__ = ["main"]
 
@@ -140,37 +143,51 @@ def _ws_url(args: argparse.Namespace) -> str:
     return base.replace("https://", "wss://", 1).replace("http://", "ws://", 1).rstrip("/") + "/ws"
 
 
-def _cmd_publish(args: argparse.Namespace) -> int:
+def _api_command(args: argparse.Namespace, call: Callable[[HTTPClient], Awaitable[list[Any]]]) -> int:
+    """Run one HTTP API call; print its rows as JSON lines, or the error on stderr (exit 1)."""
     from .client import ApiError, HTTPClient
 
     async def go() -> int:
         async with HTTPClient(_http_url(args), _api_key(args)) as api:
             try:
-                result = await api.publish(args.channel, _parse_data(args.data))
+                rows = await call(api)
             except ApiError as exc:
                 print(f"tidings: {exc}", file=sys.stderr)
                 return 1
-        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        for row in rows:
+            sys.stdout.write(orjson.dumps(row).decode() + "\n")
         return 0
 
     return _run(go())
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    async def call(api: HTTPClient) -> list[Any]:
+        return [await api.publish(args.channel, _parse_data(args.data))]
+
+    return _api_command(args, call)
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
-    from .client import ApiError, HTTPClient
+    async def call(api: HTTPClient) -> list[Any]:
+        pubs, _, _ = await api.history(args.channel, limit=args.limit)
+        return [p.to_json() for p in pubs]
 
-    async def go() -> int:
-        async with HTTPClient(_http_url(args), _api_key(args)) as api:
-            try:
-                pubs, _, _ = await api.history(args.channel, limit=args.limit)
-            except ApiError as exc:
-                print(f"tidings: {exc}", file=sys.stderr)
-                return 1
-        for p in pubs:
-            sys.stdout.write(orjson.dumps(p.to_json()).decode() + "\n")
-        return 0
+    return _api_command(args, call)
 
-    return _run(go())
+
+def _cmd_presence(args: argparse.Namespace) -> int:
+    async def call(api: HTTPClient) -> list[Any]:
+        return await api.presence(args.channel)
+
+    return _api_command(args, call)
+
+
+def _cmd_channels(args: argparse.Namespace) -> int:
+    async def call(api: HTTPClient) -> list[Any]:
+        return [{"channel": ch, "subscribers": n} for ch, n in (await api.channels()).items()]
+
+    return _api_command(args, call)
 
 
 def _cmd_subscribe(args: argparse.Namespace) -> int:
@@ -240,6 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int)
     client_opts(c)
     c.set_defaults(func=_cmd_history)
+
+    c = sub.add_parser("presence", help="print the clients subscribed to CHANNEL as JSON lines")
+    c.add_argument("channel")
+    client_opts(c)
+    c.set_defaults(func=_cmd_presence)
+
+    c = sub.add_parser("channels", help="print the active channels and their subscriber counts")
+    client_opts(c)
+    c.set_defaults(func=_cmd_channels)
 
     c = sub.add_parser("subscribe", help="print publications as JSON lines; reconnects and recovers")
     c.add_argument("channels", nargs="+", metavar="CHANNEL")

@@ -92,6 +92,12 @@ class HTTPClient:
             r.get("recovered"),
         )
 
+    async def presence(self, channel: str) -> list[dict[str, Any]]:
+        """The clients subscribed to ``channel``: ``[{"client", "user"}, ...]``."""
+        r = await self._call("GET", f"/api/channels/{channel}/presence")
+        clients: list[dict[str, Any]] = r["clients"]
+        return clients
+
     async def channels(self) -> dict[str, int]:
         r = await self._call("GET", "/api/channels")
         return {c["channel"]: c["subscribers"] for c in r["channels"]}
