@@ -10,27 +10,14 @@ than this; only putting several messages into one write (coalescing) gets below 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import socket
+import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-RPS_LO = Path("/sys/class/net/lo/queues/rx-0/rps_cpus")
-
-
-@contextlib.contextmanager
-def steer(cpu: int | None) -> Iterator[None]:
-    if cpu is None:
-        yield
-        return
-    old = RPS_LO.read_text().strip()
-    RPS_LO.write_text(f"{1 << cpu:x}\n")
-    try:
-        yield
-    finally:
-        RPS_LO.write_text(old + "\n")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import steered_rx
 
 
 def main() -> None:
@@ -55,7 +42,7 @@ def main() -> None:
     data = b"x" * a.size
     fds = [w.fileno() for w in writers]
     best = float("inf")
-    with steer(a.steer_rx):
+    with steered_rx(a.steer_rx, a.steer_rx is not None):
         for _ in range(a.rounds):
             c0 = time.process_time()
             for fd in fds:
