@@ -8,7 +8,7 @@ so the stream it sees has no gap and no duplicate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Protocol
 
 import orjson
@@ -81,7 +81,6 @@ class Hub:
         self._channels: dict[str, dict[Sink, _Sub]] = {}
         self._max_pending = max_pending_bytes
         self._listeners: dict[str, list[Callable[[Publication], None]]] = {}
-        self.delivered = 0  # frames handed to sinks, for metrics
 
     def add_listener(self, channel: str, fn: Callable[[Publication], None]) -> None:
         """Call ``fn(pub)`` for every publication of ``channel`` (bridges to other wire formats)."""
@@ -122,13 +121,6 @@ class Hub:
             del self._channels[channel]
         return True
 
-    def remove_all(self, sink: Sink, channels: Iterable[str]) -> None:
-        for channel in channels:
-            self.remove(channel, sink)
-
-    def is_subscribed(self, channel: str, sink: Sink) -> bool:
-        return sink in self._channels.get(channel, ())
-
     # ------------------------------------------------------------------------------ fan-out
 
     def deliver(self, pub: Publication) -> int:
@@ -152,7 +144,6 @@ class Hub:
                 sub.pending_bytes += len(frame)
                 if sub.pending_bytes > self._max_pending:
                     sub.sink.close(CloseCode.SLOW_CONSUMER)
-        self.delivered += n
         return n
 
     def broadcast_raw(self, channel: str, payload: dict[str, object], exclude: Sink | None = None) -> None:
@@ -173,6 +164,3 @@ class Hub:
 
     def subscribers(self, channel: str) -> list[Sink]:
         return list(self._channels.get(channel, {}))
-
-    def subscriber_count(self, channel: str) -> int:
-        return len(self._channels.get(channel, ()))

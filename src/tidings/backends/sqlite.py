@@ -102,7 +102,6 @@ class SqliteBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._loading: dict[str, asyncio.Future[Stream]] = {}
-        self.commits = 0  # transactions committed, for metrics and tests
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -296,7 +295,6 @@ class SqliteBroker:
                 db.execute("UPDATE streams SET top=?, updated=? WHERE channel=?", (top, t, ch))
                 db.execute("DELETE FROM pubs WHERE channel=? AND offset<=?", (ch, top - max(size, 0)))
             db.execute("COMMIT")
-            self.commits += 1
         except Exception as exc:
             log.exception("sqlite write failed")
             with contextlib.suppress(sqlite3.Error):

@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from ..auth import find_api_key
-from ..backends.base import BrokerError
+from ..backends.base import BrokerError, PublishRequest
 from ..limits import client_ip
 from ..node import NODE, Node
 from ..presence import presence
@@ -138,27 +138,32 @@ async def publish(request: web.Request) -> web.Response:
 async def _publish_many(
     node: Node, items: list[tuple[Any, Any, dict[str, Any] | None]]
 ) -> list[dict[str, Any]]:
-    """Publish (channel, data, info) items together (they share group commits); one result per item,
-    in order: the publication's position, or the error for that item alone."""
+    """Publish (channel, data, info) items as one group (one queue item, one transaction); one result
+    per item, in order: the publication's position, or the error for that item alone."""
 
     def error(ch: Any, code: ErrorCode, message: str) -> dict[str, Any]:
         return {"channel": ch, "error": {"code": str(code), "message": message}}
 
-    pending: list[asyncio.Future[Publication] | dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    reqs: list[PublishRequest] = []
+    slots: list[int] = []  # where each request's result goes
     for ch, data, info in items:
         try:
-            pending.append(node.publish(ch, data, node.namespace(ch), info))
+            reqs.append(node.publish_request(ch, data, node.namespace(ch), info))
         except ProtocolError as exc:
-            pending.append(error(ch, exc.code, exc.message))
-    results: list[dict[str, Any]] = []
-    for (ch, _, _), f in zip(items, pending, strict=True):
-        if isinstance(f, dict):
-            results.append(f)
+            results.append(error(ch, exc.code, exc.message))
             continue
-        try:
-            results.append({"channel": ch, **_pub_result(await f)})
-        except BrokerError as exc:
-            results.append(error(ch, ErrorCode.UNAVAILABLE, str(exc)))
+        slots.append(len(results))
+        results.append({})
+    if reqs:
+        done: asyncio.Future[list[Publication] | BrokerError] = asyncio.get_running_loop().create_future()
+        node.broker.publish_many(reqs, done.set_result)
+        outcome = await done
+        for i, (slot, req) in enumerate(zip(slots, reqs, strict=True)):
+            if isinstance(outcome, BrokerError):
+                results[slot] = error(req.channel, ErrorCode.UNAVAILABLE, str(outcome))
+            else:
+                results[slot] = {"channel": req.channel, **_pub_result(outcome[i])}
     return results
 
 
