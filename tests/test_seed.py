@@ -16,6 +16,7 @@ from tidings.transports.seed import linkify
 
 from .conftest import ProbeFactory, Server, ServerFactory, api_headers
 
+
 async def live_in_lobby(server: Server, n: int) -> list[dict[str, str]]:
     """Wait until ``n`` clients are live in chat:lobby (any transport: they are in its presence)."""
     async with asyncio.timeout(5):
