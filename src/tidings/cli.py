@@ -17,6 +17,7 @@ import orjson
 
 from . import __version__
 from .auth import ensure_api_key, read_api_key
+from .backends import BrokerURLError
 from .config import ApiKey, ConfigError, Settings, load_settings
 from .protocol import StreamPosition
 
@@ -107,6 +108,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock = socket.socket(fileno=args.fd) if args.fd is not None else None
     try:
         return _run(serve(settings, sock))
+    except BrokerURLError as exc:
+        print(f"tidings: configuration error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"tidings: cannot start: {exc}", file=sys.stderr)
         return 1
