@@ -111,8 +111,17 @@ class Settings:
         return self.broker or f"sqlite:///{(self.data_dir / 'tidings.db').resolve()}"
 
     def namespace_for(self, channel: str) -> Namespace | None:
-        ns = self.namespaces.get(namespace_of(channel))
-        return ns if ns is not None else self.default_namespace
+        """The rules for ``channel``. Namespace names are case-sensitive; a namespace that differs from a
+        configured one only by case (``USER:42`` next to ``user``) has no rules at all (None:
+        ``unknown_namespace``), so a typo in case never falls to the permissive default."""
+        name = namespace_of(channel)
+        ns = self.namespaces.get(name)
+        if ns is not None:
+            return ns
+        folded = name.casefold()
+        if any(n.casefold() == folded for n in self.namespaces):
+            return None
+        return self.default_namespace
 
 
 _SCALARS: dict[str, type] = {
@@ -251,6 +260,9 @@ def load_settings(
             s.default_namespace = None if default_ns is False else _namespace("", default_ns)
     for key in (*_SCALARS, *_LISTS):
         value = env.get(f"TIDINGS_{key.upper()}")
+        if not value and key == "api_keys":
+            # The CLI clients read TIDINGS_API_KEY: one name exported for both sides must work on both.
+            value = env.get("TIDINGS_API_KEY") or value
         if value is not None:
             setattr(s, key, _coerce(key, value))
     for key, value in (cli or {}).items():
