@@ -45,13 +45,15 @@ async def serve(settings: Settings, sock: socket.socket | None = None) -> int:
     from aiohttp import web
 
     from .app import create_app
-    from .transports.server import make_runner
+    from .transports.server import fit_open_files, log_accept_errors, make_runner
 
     key_note = "API keys from configuration"
     if not settings.api_keys:
         key, path, created = ensure_api_key(settings.data_dir)
         settings.api_keys = [ApiKey("generated", key, "admin")]
         key_note = f"API key {'created in' if created else 'in'} {path.resolve()}"
+    log.info("%s", fit_open_files(settings))
+    log_accept_errors(asyncio.get_running_loop())
     app = create_app(settings)
     runner = make_runner(app, settings.header_timeout, access_log=None, shutdown_timeout=5)
     await runner.setup()
