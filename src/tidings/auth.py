@@ -11,10 +11,13 @@ Nothing here logs a token or a key.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hmac
 import json
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -30,12 +33,16 @@ __all__ = [
     "API_KEY_FILE",
     "Action",
     "Identity",
+    "StorageError",
     "TokenError",
     "TokenVerifier",
     "check_permission",
     "ensure_api_key",
+    "ensure_secret",
     "find_api_key",
     "read_api_key",
+    "read_secret",
+    "write_secret_file",
 ]
 
 API_KEY_FILE = "api-key"
@@ -48,6 +55,18 @@ API_ROLE_FOR: dict[str, str] = {
 }
 HMAC_ALGS = ("HS256", "HS384", "HS512")
 PUBLIC_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA")
+MAX_EXP = 253402300799  # 9999-12-31T23:59:59Z: the latest `exp` a token may carry
+_KTY = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
+
+
+def _fits(k: jwt.PyJWK, alg: str) -> bool:
+    """Whether JWK ``k`` can verify ``alg``: its own ``alg`` if it names one, else its key type."""
+    named = k._jwk_data.get("alg")
+    if isinstance(named, str):
+        return named == alg
+    if k.public_key_use not in (None, "sig"):
+        return False
+    return k.key_type == _KTY.get(alg[:2])
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,21 +117,28 @@ class TokenVerifier:
     def enabled(self) -> bool:
         return bool(self._secret or self._public or self._jwks)
 
-    def _key_for(self, header: dict[str, Any]) -> tuple[Any, str]:
+    def _keys_for(self, header: dict[str, Any]) -> tuple[list[Any], str]:
+        """The keys to try for a token with this header, and its algorithm."""
         alg = header.get("alg")
         if not isinstance(alg, str):
             raise TokenError(ErrorCode.UNAUTHORIZED, "token has no algorithm")
         if alg in HMAC_ALGS and self._secret:
-            return self._secret, alg
+            return [self._secret], alg
         if alg in PUBLIC_ALGS:
             if self._jwks is not None:
                 kid = header.get("kid")
-                for k in self._jwks.keys:
-                    if kid is None or k.key_id == kid:
-                        return k.key, alg
-                raise TokenError(ErrorCode.UNAUTHORIZED, "token key id not found in the JWKS")
+                if kid is not None:
+                    keys = [k.key for k in self._jwks.keys if k.key_id == kid and _fits(k, alg)]
+                    if not keys:
+                        raise TokenError(ErrorCode.UNAUTHORIZED, "token key id not found in the JWKS")
+                    return keys, alg
+                # No kid: every key of the JWKS that can verify this algorithm is a candidate.
+                keys = [k.key for k in self._jwks.keys if _fits(k, alg)]
+                if not keys:
+                    raise TokenError(ErrorCode.UNAUTHORIZED, f"no key in the JWKS verifies {alg[:16]!r}")
+                return keys, alg
             if self._public is not None:
-                return self._public, alg
+                return [self._public], alg
         raise TokenError(ErrorCode.UNAUTHORIZED, f"token algorithm {alg[:16]!r} is not accepted here")
 
     def decode(self, token: str, require: list[str]) -> dict[str, Any]:
@@ -124,20 +150,30 @@ class TokenVerifier:
             raise TokenError(ErrorCode.UNAUTHORIZED, "malformed token")
         try:
             header = jwt.get_unverified_header(token)
-            key, alg = self._key_for(header)
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key,
-                algorithms=[alg],
-                audience=self.audience,
-                issuer=self.issuer,
-                options={"require": require, "verify_aud": self.audience is not None},
-                leeway=5,
-            )
+            keys, alg = self._keys_for(header)
+            for i, key in enumerate(keys):
+                try:
+                    claims: dict[str, Any] = jwt.decode(
+                        token,
+                        key,
+                        algorithms=[alg],
+                        audience=self.audience,
+                        issuer=self.issuer,
+                        options={"require": require, "verify_aud": self.audience is not None},
+                        leeway=5,
+                    )
+                    break
+                except jwt.InvalidSignatureError:
+                    if i == len(keys) - 1:
+                        raise
         except jwt.ExpiredSignatureError:
             raise TokenError(ErrorCode.TOKEN_EXPIRED, "token expired") from None
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        except (jwt.PyJWTError, ValueError, TypeError, OverflowError) as exc:
             raise TokenError(ErrorCode.UNAUTHORIZED, f"invalid token: {type(exc).__name__}") from None
+        exp = claims.get("exp")
+        if exp is not None and not (isinstance(exp, int | float) and 0 <= exp <= MAX_EXP):
+            # A far-future exp (10**20) would overflow the connection's timer and the reply's encoder.
+            raise TokenError(ErrorCode.UNAUTHORIZED, "token exp must be a Unix time before the year 10000")
         return claims
 
     def connection(self, token: str) -> Identity:
@@ -221,22 +257,66 @@ def find_api_key(keys: list[ApiKey], given: str) -> ApiKey | None:
 
 
 def read_api_key(data_dir: Path) -> str | None:
+    """The key in ``data_dir``, or None when there is none (an empty file, left by a failed first start
+    on a full disk, counts as none)."""
+    return read_secret(data_dir / API_KEY_FILE)
+
+
+def read_secret(path: Path) -> str | None:
     try:
-        key = (data_dir / API_KEY_FILE).read_text().strip()
-    except OSError:
+        value = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    return key or None
+    return value or None
+
+
+class StorageError(OSError):
+    """A file the server keeps in its data dir could not be written; the message names the file."""
+
+
+def write_secret_file(path: Path, value: str) -> None:
+    """Write ``value`` to ``path`` atomically with mode 0600: a temporary file, fsync, rename, fsync of the
+    directory. A crash or a full disk leaves either no file or the whole file, never a partial one."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            data = (value + "\n").encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StorageError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def ensure_secret(path: Path, make: Callable[[], str]) -> tuple[str, bool]:
+    """The secret stored at ``path``, created with ``make()`` on first use. Returns (value, created)."""
+    value = read_secret(path)
+    if value is not None:
+        return value, False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(
+            exc.errno, f"cannot create the data dir {path.parent}: {exc.strerror or exc}"
+        ) from None
+    value = make()
+    write_secret_file(path, value)
+    return value, True
 
 
 def ensure_api_key(data_dir: Path) -> tuple[str, Path, bool]:
     """The API key stored in ``data_dir``, created (mode 0600) on first use. Returns (key, path, created)."""
     path = data_dir / API_KEY_FILE
-    key = read_api_key(data_dir)
-    if key is not None:
-        return key, path, False
-    data_dir.mkdir(parents=True, exist_ok=True)
-    key = "tk_" + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    return key, path, True
+    key, created = ensure_secret(path, lambda: "tk_" + secrets.token_urlsafe(32))
+    return key, path, created

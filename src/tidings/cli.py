@@ -9,15 +9,15 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from . import __version__
-from .auth import ensure_api_key, read_api_key
-from .backends import BrokerURLError
+from .auth import StorageError, ensure_api_key, read_api_key
+from .backends import BrokerError, BrokerURLError
 from .config import ApiKey, ConfigError, Settings, load_settings
 from .protocol import StreamPosition
 
@@ -45,13 +45,15 @@ async def serve(settings: Settings, sock: socket.socket | None = None) -> int:
     from aiohttp import web
 
     from .app import create_app
-    from .transports.server import make_runner
+    from .transports.server import fit_open_files, log_accept_errors, make_runner
 
     key_note = "API keys from configuration"
     if not settings.api_keys:
         key, path, created = ensure_api_key(settings.data_dir)
         settings.api_keys = [ApiKey("generated", key, "admin")]
         key_note = f"API key {'created in' if created else 'in'} {path.resolve()}"
+    open_files = fit_open_files(settings)  # logged once the server started (a failed start says one line)
+    log_accept_errors(asyncio.get_running_loop())
     app = create_app(settings)
     runner = make_runner(app, settings.header_timeout, access_log=None, shutdown_timeout=5)
     await runner.setup()
@@ -62,6 +64,7 @@ async def serve(settings: Settings, sock: socket.socket | None = None) -> int:
         site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
         host, port = settings.host, settings.port
     await site.start()
+    log.info("%s", open_files)
     if port == 0 and runner.addresses:
         host, port = runner.addresses[0][:2]
     data = (
@@ -111,7 +114,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except BrokerURLError as exc:
         print(f"tidings: configuration error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except StorageError as exc:  # the data dir: the API key file
+        print(f"tidings: cannot start: {exc.strerror} (check data_dir)", file=sys.stderr)
+        return 1
+    except BrokerError as exc:  # the history store (SQLite in the data dir, or the broker URL)
+        print(f"tidings: cannot start: storage: {exc} (check data_dir and broker)", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the listening socket, mostly
         print(f"tidings: cannot start: {exc}", file=sys.stderr)
         return 1
 
@@ -119,11 +128,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- clients
 
 
+def _env_api_key(env: Mapping[str, str]) -> str | None:
+    """TIDINGS_API_KEY, else the first key of TIDINGS_API_KEYS (the server's name for its key list)."""
+    key = env.get("TIDINGS_API_KEY", "").strip()
+    if key:
+        return key
+    first = next((k.strip() for k in env.get("TIDINGS_API_KEYS", "").split(",") if k.strip()), "")
+    return first or None
+
+
 def _api_key(args: argparse.Namespace) -> str:
-    key = args.api_key or os.environ.get("TIDINGS_API_KEY") or read_api_key(Path(args.data_dir))
+    key = args.api_key or _env_api_key(os.environ) or read_api_key(Path(args.data_dir))
     if not key:
         raise SystemExit(
-            "tidings: no API key: pass --api-key, set TIDINGS_API_KEY, or run where the server's data dir is"
+            "tidings: no API key: pass --api-key, set TIDINGS_API_KEY (or TIDINGS_API_KEYS), "
+            "or run where the server's data dir is"
         )
     return key
 
@@ -247,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_opts(c: argparse.ArgumentParser) -> None:
         c.add_argument("--url", help="server URL (default http://127.0.0.1:8888; env TIDINGS_URL)")
-        c.add_argument("--api-key", help="API key (env TIDINGS_API_KEY; default: read from --data-dir)")
+        c.add_argument(
+            "--api-key",
+            help="API key (env TIDINGS_API_KEY, or the first of TIDINGS_API_KEYS; default: from --data-dir)",
+        )
         c.add_argument("--data-dir", default=os.environ.get("TIDINGS_DATA_DIR", "tidings-data"))
 
     c = sub.add_parser("publish", help="publish DATA (JSON, or plain text) to CHANNEL via the HTTP API")

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .backends.base import HistoryOptions
 from .protocol import namespace_of
@@ -79,6 +80,7 @@ class Settings:
     api_keys: list[ApiKey] = field(default_factory=list)
     allowed_origins: list[str] = field(default_factory=list)
     trusted_proxies: list[str] = field(default_factory=list)
+    public_url: list[str] = field(default_factory=list)  # this server's public origin(s): https://host[:port]
     # Tokens
     token_secret: str = field(default="", repr=False)
     token_public_key: str = ""  # path to a PEM public key (RS256/ES256/...)
@@ -101,7 +103,9 @@ class Settings:
     client_rate: float = 100.0  # commands per second per connection (burst: twice that)
     user_rate: float = 200.0  # commands per second per user over all their connections
     api_failures_per_minute: int = 10  # failed API key attempts per address before 429
-    header_timeout: float = 10.0  # seconds to send the request headers
+    header_timeout: float = 10.0  # seconds to send the headers of a request
+    body_timeout: float = 30.0  # seconds to send a request body, once its headers are in
+    keepalive_timeout: float = 75.0  # seconds an idle HTTP keep-alive connection stays open
     ping_interval: float = 25.0
     compression: bool = False
     sqlite_synchronous: str = "normal"
@@ -115,8 +119,17 @@ class Settings:
         return self.broker or f"sqlite:///{(self.data_dir / 'tidings.db').resolve()}"
 
     def namespace_for(self, channel: str) -> Namespace | None:
-        ns = self.namespaces.get(namespace_of(channel))
-        return ns if ns is not None else self.default_namespace
+        """The rules for ``channel``. Namespace names are case-sensitive; a namespace that differs from a
+        configured one only by case (``USER:42`` next to ``user``) has no rules at all (None:
+        ``unknown_namespace``), so a typo in case never falls to the permissive default."""
+        name = namespace_of(channel)
+        ns = self.namespaces.get(name)
+        if ns is not None:
+            return ns
+        folded = name.casefold()
+        if any(n.casefold() == folded for n in self.namespaces):
+            return None
+        return self.default_namespace
 
 
 _SCALARS: dict[str, type] = {
@@ -143,12 +156,14 @@ _SCALARS: dict[str, type] = {
     "user_rate": float,
     "api_failures_per_minute": int,
     "header_timeout": float,
+    "body_timeout": float,
+    "keepalive_timeout": float,
     "ping_interval": float,
     "compression": bool,
     "sqlite_synchronous": str,
     "log_level": str,
 }
-_LISTS = {"api_keys", "allowed_origins", "trusted_proxies"}
+_LISTS = {"api_keys", "allowed_origins", "trusted_proxies", "public_url"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -179,15 +194,40 @@ def _api_keys(value: Any) -> list[ApiKey]:
     return keys
 
 
+def _check_public_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+    ):
+        raise ConfigError(
+            f"public_url {url!r} must be an origin like https://chat.example.com or http://host:8888"
+        )
+
+
 def _coerce(name: str, value: Any) -> Any:
     if name == "api_keys":
         return _api_keys(value)
     if name in _LISTS:
         if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise ConfigError(f"{name} must be a list of strings")
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            items = list(value)
+        else:
+            raise ConfigError(f"{name} must be a list of strings")
+        if name == "public_url":
+            for url in items:
+                _check_public_url(url)
+        return items
     typ = _SCALARS[name]
     if typ is bool:
         if isinstance(value, bool):
@@ -257,6 +297,9 @@ def load_settings(
             s.default_namespace = None if default_ns is False else _namespace("", default_ns)
     for key in (*_SCALARS, *_LISTS):
         value = env.get(f"TIDINGS_{key.upper()}")
+        if not value and key == "api_keys":
+            # The CLI clients read TIDINGS_API_KEY: one name exported for both sides must work on both.
+            value = env.get("TIDINGS_API_KEY") or value
         if value is not None:
             setattr(s, key, _coerce(key, value))
     for key, value in (cli or {}).items():

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 from aiohttp import web
 
-__all__ = ["ConnectionLimiter", "FailureLimiter", "RateLimiter", "TokenBucket", "client_ip"]
+__all__ = ["ConnectionLimiter", "FailureLimiter", "RateLimiter", "TokenBucket", "client_ip", "in_networks"]
 
 
 class TokenBucket:
@@ -66,21 +66,30 @@ class ConnectionLimiter:
         self.total = 0
         self._per_ip: dict[str, int] = {}
 
-    def acquire(self, ip: str) -> bool:
-        n = self._per_ip.get(ip, 0)
-        if (self.total_max and self.total >= self.total_max) or (self.per_ip_max and n >= self.per_ip_max):
+    def acquire(self, ip: str, per_ip: bool = True) -> bool:
+        """Take a place for a connection from ``ip``; ``per_ip=False`` counts it in the total only (a
+        trusted proxy's own connections). False when a limit is reached."""
+        if self.total_max and self.total >= self.total_max:
             return False
-        self._per_ip[ip] = n + 1
+        if per_ip:
+            n = self._per_ip.get(ip, 0)
+            if self.per_ip_max and n >= self.per_ip_max:
+                return False
+            self._per_ip[ip] = n + 1
         self.total += 1
         return True
 
-    def release(self, ip: str) -> None:
-        n = self._per_ip.get(ip, 0) - 1
-        if n <= 0:
-            self._per_ip.pop(ip, None)
-        else:
-            self._per_ip[ip] = n
+    def release(self, ip: str, per_ip: bool = True) -> None:
+        if per_ip:
+            n = self._per_ip.get(ip, 0) - 1
+            if n <= 0:
+                self._per_ip.pop(ip, None)
+            else:
+                self._per_ip[ip] = n
         self.total = max(0, self.total - 1)
+
+    def count(self, ip: str) -> int:
+        return self._per_ip.get(ip, 0)
 
 
 class FailureLimiter:
@@ -114,6 +123,11 @@ class FailureLimiter:
         self._fails.move_to_end(ip)
         if len(self._fails) > self._max:
             self._fails.popitem(last=False)
+
+
+def in_networks(ip: str, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether address ``ip`` is in one of ``nets`` (False for anything that is not an address)."""
+    return _in(ip, nets)
 
 
 def _in(ip: str, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
