@@ -292,3 +292,35 @@ async def test_closing_inside_fan_out_never_reorders_events(
         # The leave comes after every message delivered in the same loop turn as the cut.
         assert kinds.count("message") == sent and kinds[-1] == "leave", kinds
     writer.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_one_failing_delivery_never_leaves_its_group_unacknowledged(
+    start_server: ServerFactory,
+    probe: ProbeFactory,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    """A fan-out that fails for one publication (a bug in some sink or format) is logged; the other
+    publications of the group are delivered and every one is acknowledged (before: the group hung)."""
+    broker = "memory://" if kind == "memory" else f"sqlite:///{tmp_path / 'iso.db'}"
+    srv = await start_server(broker=broker)
+    p = await probe(srv)
+    await p.ok("subscribe", channel="pub:fine")
+    hub = srv.node.hub
+    real = hub.deliver
+
+    def deliver(pub: Any) -> int:
+        if pub.channel == "pub:boom":
+            raise RuntimeError("a broken sink")
+        return real(pub)
+
+    monkeypatch.setattr(hub, "deliver", deliver)
+    body = {"publications": [{"channel": c, "data": c} for c in ("pub:boom", "pub:fine", "pub:boom")]}
+    async with asyncio.timeout(5):
+        async with session.post(f"{srv.http}/api/batch", headers=api_headers(), json=body) as r:
+            results = (await r.json())["results"]
+    assert r.status == 200 and [x.get("offset") for x in results] == [1, 1, 2], results
+    assert [m["data"] for m in await p.messages(1)] == ["pub:fine"]

@@ -4,6 +4,7 @@ and every one passes the same contract suite (``tests/test_broker_contract.py``)
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ __all__ = [
     "PresenceStore",
     "PublishDone",
     "PublishRequest",
+    "land",
     "new_epoch",
 ]
 
@@ -45,6 +47,30 @@ class PublishRequest:
 
 
 PublishDone = Callable[["list[Publication] | BrokerError"], None]
+log = logging.getLogger("tidings.broker")
+
+
+def land(
+    handler: BrokerHandler,
+    result: list[Publication] | BrokerError,
+    done: PublishDone,
+    before: Callable[[Publication], None] | None = None,
+) -> None:
+    """Hand a committed group to the loop's side: ``before(pub)`` (a cache), ``handler.deliver(pub)``
+    for each publication in order, then ``done(result)``. Failure-isolated: an error in one step is
+    logged and the rest still runs, so one bad item never leaves a group unacknowledged."""
+    if not isinstance(result, BrokerError):
+        for pub in result:
+            try:
+                if before is not None:
+                    before(pub)
+                handler.deliver(pub)
+            except Exception:
+                log.exception("delivering %s offset %d failed", pub.channel, pub.offset)
+    try:
+        done(result)
+    except Exception:
+        log.exception("a publish callback failed")
 
 
 class BrokerError(Exception):

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from ..protocol import Event, Publication, new_publication_id
-from .base import BrokerHandler, HistoryOptions, HistoryResult, PublishDone, PublishRequest, new_epoch
+from .base import BrokerHandler, HistoryOptions, HistoryResult, PublishDone, PublishRequest, land, new_epoch
 from .stream import Stream, StreamSet, empty_result, now_ms
 
 __all__ = ["MemoryBroker"]
@@ -56,10 +56,7 @@ class MemoryBroker:
 
     def _land(self, pubs: list[Publication], done: PublishDone) -> None:
         assert self._handler is not None
-        deliver = self._handler.deliver
-        for pub in pubs:
-            deliver(pub)
-        done(pubs)
+        land(self._handler, pubs, done)
 
     async def history(
         self, channel: str, opts: HistoryOptions, *, since: int | None = None, limit: int | None = None

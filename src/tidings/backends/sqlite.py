@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import sqlite3
@@ -30,6 +31,7 @@ from .base import (
     HistoryResult,
     PublishDone,
     PublishRequest,
+    land,
     new_epoch,
 )
 from .stream import Stream, StreamSet, now_ms
@@ -186,21 +188,18 @@ class SqliteBroker:
                 for ch in item.channels:
                     self._cache.discard(ch)
             elif isinstance(item, _Pubs):
-                if not isinstance(result, BaseException):
-                    for pub, req in zip(result, item.reqs, strict=True):
-                        self._land(pub, req.opts)
-                item.done(result)
+                assert self._handler is not None
+                opts = {r.channel: r.opts for r in item.reqs}
+                land(self._handler, result, item.done, functools.partial(self._cache_pub, opts))
 
-    def _land(self, pub: Publication, opts: HistoryOptions) -> None:
-        """A committed publication: into the read cache (if the channel is cached), then fan-out."""
+    def _cache_pub(self, opts: dict[str, HistoryOptions], pub: Publication) -> None:
+        """A committed publication into the read cache (if the channel is cached), before its fan-out."""
         cached = self._cache.get(pub.channel)
         if cached is not None:
             if cached.epoch == pub.epoch and cached.top == pub.offset - 1:
-                self._cache.append(cached, pub, opts)
+                self._cache.append(cached, pub, opts[pub.channel])
             else:  # cannot happen with one writer; never serve a stale cache
                 self._cache.discard(pub.channel)
-        assert self._handler is not None
-        self._handler.deliver(pub)
 
     # ------------------------------------------------------------------------------ writer thread
 
