@@ -236,7 +236,7 @@ def test_merge_publishers_sums_counts_and_takes_the_worst_ack() -> None:
 
 
 def test_broadcasts_worst_latency_over_processes_and_receivers_summed() -> None:
-    reps = [
+    reps: list[dict[str, Any]] = [
         {"per_offset": [[1, 1000, 2], [2, 5000, 2], [3, 800, 1]]},
         {"per_offset": [[1, 3000, 2], [2, 2000, 2]], "per_offset_beyond": 4},
     ]
