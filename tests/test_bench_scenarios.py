@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from bench import harness, scenarios
 
 README = Path(__file__).resolve().parent.parent / "bench" / "README.md"
