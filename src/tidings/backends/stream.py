@@ -130,9 +130,12 @@ class StreamSet:
     ) -> HistoryResult:
         before = stream.bytes
         res = stream.read(opts, since, limit)
-        self.bytes += stream.bytes - before
-        if self.drop:
-            self._streams.move_to_end(stream.channel)
+        # A stream loaded for a read may not be (or no longer be) in the set: too big for the bound, or
+        # dropped before the reader resumed. It is still served, but counts for nothing here.
+        if self._streams.get(stream.channel) is stream:
+            self.bytes += stream.bytes - before
+            if self.drop:
+                self._streams.move_to_end(stream.channel)
         return res
 
     def prune_all(self) -> None:

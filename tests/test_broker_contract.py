@@ -1,0 +1,482 @@
+"""One broker contract, run unchanged against every broker (``memory://`` and ``sqlite:///...``).
+
+Network-free: brokers are built with :func:`broker_from_url` and started with a recording handler.
+Every wait is on an event or a bounded poll under ``asyncio.timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tidings.backends import (
+    Broker,
+    BrokerError,
+    BrokerOptions,
+    BrokerURLError,
+    HistoryOptions,
+    MemoryBroker,
+    SqliteBroker,
+    broker_from_url,
+)
+from tidings.backends.base import PublishRequest
+from tidings.backends.stream import Stream, now_ms
+from tidings.protocol import Event, Publication, StreamPosition
+from tidings.subscriptions import can_recover
+
+OPTS = HistoryOptions()
+WAIT = 5.0
+
+
+class RecordingHandler:
+    """A :class:`BrokerHandler` that records what it is handed and wakes waiters."""
+
+    def __init__(self) -> None:
+        self.pubs: list[Publication] = []
+        self.events: list[Event] = []
+        self.changed = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        self.off_loop = 0  # deliveries made from a thread other than the loop's
+
+    def _check_loop(self) -> None:
+        try:
+            if asyncio.get_running_loop() is not self.loop:
+                self.off_loop += 1
+        except RuntimeError:
+            self.off_loop += 1
+
+    def deliver(self, pub: Publication) -> object:
+        self._check_loop()
+        self.pubs.append(pub)
+        self.changed.set()
+        return 1
+
+    def deliver_event(self, event: Event) -> None:
+        self._check_loop()
+        self.events.append(event)
+        self.changed.set()
+
+    async def until(self, pred: Callable[[], bool], timeout: float = WAIT) -> None:
+        async with asyncio.timeout(timeout):
+            while not pred():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@dataclass
+class Done:
+    """A ``done`` callback that records every call."""
+
+    calls: list[list[Publication] | BrokerError] = field(default_factory=list)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __call__(self, result: list[Publication] | BrokerError) -> None:
+        self.calls.append(result)
+        self.event.set()
+
+    async def wait(self) -> list[Publication] | BrokerError:
+        async with asyncio.timeout(WAIT):
+            await self.event.wait()
+        assert len(self.calls) == 1
+        return self.calls[0]
+
+
+@dataclass
+class Fixture:
+    kind: str
+    broker: Broker
+    handler: RecordingHandler
+    db: Path | None
+
+    async def publish(self, *reqs: PublishRequest) -> list[Publication]:
+        done = Done()
+        self.broker.publish_many(list(reqs), done)
+        result = await done.wait()
+        assert not isinstance(result, BrokerError), result
+        return result
+
+    async def publish_one(self, channel: str, data: object, opts: HistoryOptions = OPTS) -> Publication:
+        (pub,) = await self.publish(req(channel, data, opts))
+        return pub
+
+
+def req(channel: str, data: object, opts: HistoryOptions = OPTS) -> PublishRequest:
+    return PublishRequest(channel, orjson.dumps(data), opts)
+
+
+def url_for(kind: str, tmp_path: Path) -> str:
+    return "memory://" if kind == "memory" else f"sqlite:///{tmp_path}/t.db"
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def fx(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fixture]:
+    kind: str = request.param
+    broker = broker_from_url(url_for(kind, tmp_path))
+    assert isinstance(broker, MemoryBroker if kind == "memory" else SqliteBroker)
+    handler = RecordingHandler()
+    await broker.start(handler)
+    try:
+        yield Fixture(kind, broker, handler, tmp_path / "t.db" if kind == "sqlite" else None)
+    finally:
+        await broker.close()
+
+
+async def build(kind: str, tmp_path: Path, opts: BrokerOptions) -> Fixture:
+    broker = broker_from_url(url_for(kind, tmp_path), opts)
+    handler = RecordingHandler()
+    await broker.start(handler)
+    return Fixture(kind, broker, handler, tmp_path / "t.db" if kind == "sqlite" else None)
+
+
+async def next_ms() -> None:
+    """Wait until the millisecond clock moves on (publish times are in ms)."""
+    t = now_ms()
+    async with asyncio.timeout(1):
+        while now_ms() == t:
+            await asyncio.sleep(0.001)
+
+
+# ---------------------------------------------------------------------------------------- offsets
+
+
+async def test_offsets_start_at_1_gapless_and_independent_per_channel(fx: Fixture) -> None:
+    got: dict[str, list[int]] = {"a:1": [], "a:2": [], "b:1": []}
+    for i in range(5):
+        for ch in got:
+            if ch == "b:1" and i % 2:
+                continue
+            got[ch].append((await fx.publish_one(ch, i)).offset)
+    assert got == {"a:1": [1, 2, 3, 4, 5], "a:2": [1, 2, 3, 4, 5], "b:1": [1, 2, 3]}
+
+
+async def test_delivery_is_on_the_loop_in_order_and_never_inside_publish_many(fx: Fixture) -> None:
+    done = Done()
+    fx.broker.publish_many([req("c:x", i) for i in range(10)], done)
+    assert fx.handler.pubs == []  # nothing delivered inside the call
+    assert done.calls == []
+    result = await done.wait()
+    assert not isinstance(result, BrokerError)
+    await fx.handler.until(lambda: len(fx.handler.pubs) == 10)
+    assert [p.offset for p in fx.handler.pubs] == list(range(1, 11))
+    assert [p.data for p in fx.handler.pubs] == list(range(10))
+    assert fx.handler.off_loop == 0
+    # done: once, with the publications in request order (the very objects delivered)
+    assert [(p.offset, p.data) for p in result] == [(p.offset, p.data) for p in fx.handler.pubs]
+    assert len(done.calls) == 1
+
+
+async def test_done_is_called_once_per_group_in_request_order(fx: Fixture) -> None:
+    dones = [Done() for _ in range(4)]
+    for i, d in enumerate(dones):
+        fx.broker.publish_many([req("d:x", i), req("d:y", i)], d)
+    results = [await d.wait() for d in dones]
+    for i, r in enumerate(results):
+        assert not isinstance(r, BrokerError)
+        assert [(p.channel, p.offset, p.data) for p in r] == [("d:x", i + 1, i), ("d:y", i + 1, i)]
+    await fx.handler.until(lambda: len(fx.handler.pubs) == 8)
+    assert all(len(d.calls) == 1 for d in dones)
+
+
+async def test_group_is_atomic_and_ordered_over_several_channels(fx: Fixture) -> None:
+    await fx.publish_one("g:b", "before")
+    group = [req(ch, i) for i, ch in enumerate(["g:a", "g:b", "g:a", "g:c", "g:b", "g:a"])]
+    pubs = await fx.publish(*group)
+    assert [(p.channel, p.offset, p.data) for p in pubs] == [
+        ("g:a", 1, 0),
+        ("g:b", 2, 1),
+        ("g:a", 2, 2),
+        ("g:c", 1, 3),
+        ("g:b", 3, 4),
+        ("g:a", 3, 5),
+    ]
+    await fx.handler.until(lambda: len(fx.handler.pubs) == 7)
+    assert [(p.channel, p.offset) for p in fx.handler.pubs[1:]] == [(p.channel, p.offset) for p in pubs]
+
+
+# ---------------------------------------------------------------------------------------- epochs
+
+
+async def test_epoch_is_stable_and_an_unpublished_channel_reads_as_offset_0(fx: Fixture) -> None:
+    before = await fx.broker.history("e:new", OPTS, since=0)
+    assert before.publications == [] and before.position.offset == 0 and before.first_offset == 1
+    seen = StreamPosition(0, before.position.epoch)
+    pubs = [await fx.publish_one("e:new", i) for i in range(3)]
+    assert {p.epoch for p in pubs} == {before.position.epoch}  # the position read before stays valid
+    after = await fx.broker.history("e:new", OPTS, since=0)
+    assert after.position == StreamPosition(3, before.position.epoch)
+    assert can_recover(after, seen)
+    assert [p.data for p in after.publications] == [0, 1, 2]
+    # and subscribing at 0 in whatever epoch recovers from the first publication on
+    assert can_recover(after, StreamPosition(0, "some-other-epoch"))
+    assert not can_recover(after, StreamPosition(1, "some-other-epoch"))
+
+
+# ---------------------------------------------------------------------------------------- history
+
+
+async def test_history_since_and_limit(fx: Fixture) -> None:
+    for i in range(1, 11):
+        await fx.publish_one("h:x", i)
+    h = fx.broker.history
+    res = await h("h:x", OPTS, since=3, limit=4)
+    assert [p.offset for p in res.publications] == [4, 5, 6, 7]  # oldest first, since exclusive
+    assert [p.data for p in res.publications] == [4, 5, 6, 7]
+    assert res.position.offset == 10 and res.first_offset == 1
+    assert [p.offset for p in (await h("h:x", OPTS, since=7)).publications] == [8, 9, 10]
+    assert (await h("h:x", OPTS, since=10)).publications == []
+    assert [p.offset for p in (await h("h:x", OPTS, since=0, limit=2)).publications] == [1, 2]
+    # without since: the newest `limit`, oldest first
+    assert [p.offset for p in (await h("h:x", OPTS, limit=3)).publications] == [8, 9, 10]
+    assert [p.offset for p in (await h("h:x", OPTS)).publications] == list(range(1, 11))
+    assert (await h("h:x", OPTS, limit=0)).publications == []
+    assert (await h("h:x", OPTS, limit=0)).position.offset == 10
+
+
+async def test_history_size_limit_per_namespace(fx: Fixture) -> None:
+    small = HistoryOptions(size=3)
+    for i in range(1, 8):
+        await fx.publish_one("s:x", i, small)
+        await fx.publish_one("s:big", i)
+    res = await fx.broker.history("s:x", small, since=0)
+    assert [p.offset for p in res.publications] == [5, 6, 7]
+    assert res.first_offset == 5 and res.position.offset == 7
+    assert not can_recover(res, StreamPosition(2, res.position.epoch))
+    assert can_recover(await fx.broker.history("s:x", small, since=4), StreamPosition(4, res.position.epoch))
+    assert len((await fx.broker.history("s:big", OPTS)).publications) == 7  # other channels unaffected
+
+
+async def test_history_ttl(fx: Fixture) -> None:
+    short = HistoryOptions(size=100, ttl=0.2)
+    for i in range(3):
+        await fx.publish_one("t:x", i, short)
+    assert len((await fx.broker.history("t:x", short)).publications) == 3
+    async with asyncio.timeout(3):
+        while (await fx.broker.history("t:x", short)).publications:
+            await asyncio.sleep(0.02)
+    res = await fx.broker.history("t:x", short, since=0)
+    assert res.publications == [] and res.position.offset == 3 and res.first_offset == 4
+    assert (await fx.publish_one("t:x", 3, short)).offset == 4  # offsets go on
+
+
+async def test_size_0_keeps_nothing_but_counts_offsets(fx: Fixture) -> None:
+    none = HistoryOptions(size=0)
+    offsets = [(await fx.publish_one("z:x", i, none)).offset for i in range(4)]
+    assert offsets == [1, 2, 3, 4]
+    res = await fx.broker.history("z:x", none, since=0)
+    assert res.publications == [] and res.position.offset == 4 and res.first_offset == 5
+    await fx.handler.until(lambda: len(fx.handler.pubs) == 4)  # still delivered live
+
+
+# ---------------------------------------------------------------------------------------- failure
+
+
+async def test_failed_commit_rolls_back_and_loses_no_offset(fx: Fixture) -> None:
+    if fx.kind == "memory":
+        pytest.skip("not applicable: the memory broker has no commit that can fail")
+    assert fx.db is not None
+    await fx.publish_one("f:x", 1)
+    await fx.publish_one("f:y", 1)
+    with sqlite3.connect(fx.db) as other:
+        other.execute(
+            "CREATE TRIGGER fail BEFORE INSERT ON pubs WHEN NEW.channel = 'f:bad' "
+            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+        )
+    other.close()
+    # one group over several channels: the bad row fails the whole transaction
+    done = Done()
+    fx.broker.publish_many([req("f:x", 2), req("f:bad", 0), req("f:y", 2)], done)
+    result = await done.wait()
+    assert isinstance(result, BrokerError)
+    with sqlite3.connect(fx.db) as other:
+        other.execute("DROP TRIGGER fail")
+    other.close()
+    pubs = await fx.publish(req("f:x", 3), req("f:bad", 3), req("f:y", 3))
+    assert [(p.channel, p.offset) for p in pubs] == [("f:x", 2), ("f:bad", 1), ("f:y", 2)]
+    for ch in ("f:x", "f:y"):
+        res = await fx.broker.history(ch, OPTS, since=0)
+        assert [(p.offset, p.data) for p in res.publications] == [(1, 1), (2, 3)]
+    await fx.handler.until(lambda: len(fx.handler.pubs) == 5)
+    assert [p.data for p in fx.handler.pubs] == [1, 1, 3, 3, 3]  # the failed group was never delivered
+
+
+async def test_reads_never_write(fx: Fixture) -> None:
+    results = await asyncio.gather(*(fx.broker.history(f"r:never{i}", OPTS, since=0) for i in range(1000)))
+    assert all(r.publications == [] and r.position.offset == 0 for r in results)
+    if fx.db is None:  # memory: no stream was created for them either
+        assert isinstance(fx.broker, MemoryBroker)
+        assert len(fx.broker._streams) == 0
+        return
+    db = sqlite3.connect(fx.db)
+    try:
+        assert db.execute("SELECT COUNT(*) FROM streams").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM pubs").fetchone()[0] == 0
+    finally:
+        db.close()
+    # and a publish afterwards still lands in the epoch those reads saw
+    pub = await fx.publish_one("r:never5", "x")
+    assert pub.position() == StreamPosition(1, results[5].position.epoch)
+
+
+# ---------------------------------------------------------------------------------------- events
+
+
+async def test_publish_event_is_delivered_on_the_loop(fx: Fixture) -> None:
+    ev = Event("join", "ev:x", "c1", "u1")
+    fx.broker.publish_event(ev)
+    assert fx.handler.events == []  # not inside the call
+    await fx.handler.until(lambda: len(fx.handler.events) == 1)
+    assert fx.handler.events == [ev] and fx.handler.off_loop == 0
+    assert fx.handler.pubs == []
+
+
+async def test_interest_exists_and_does_not_fail(fx: Fixture) -> None:
+    fx.broker.interest("i:x", True)
+    fx.broker.interest("i:x", False)
+    fx.broker.interest("i:never", False)
+    assert (await fx.publish_one("i:x", 1)).offset == 1
+
+
+# ---------------------------------------------------------------------------------------- bounds
+
+
+async def test_memory_history_is_bounded_in_bytes_lru_first(tmp_path: Path) -> None:
+    bound = 60 * 1024
+    fx = await build("memory", tmp_path, BrokerOptions(max_history_bytes=bound))
+    assert isinstance(fx.broker, MemoryBroker)
+    try:
+        blob = "x" * 10 * 1024
+        for i in range(200):
+            await fx.publish_one(f"m:{i % 20:02d}", blob)
+            assert fx.broker._streams.bytes <= bound
+        # the channels published to least recently lost theirs; their position is kept
+        old = await fx.broker.history("m:00", OPTS, since=0)
+        assert old.publications == [] and old.position.offset == 10
+        assert not can_recover(old, StreamPosition(0, old.position.epoch))
+        new = await fx.broker.history("m:19", OPTS, since=0)
+        assert len(new.publications) >= 1 and new.publications[-1].offset == 10
+        assert new.first_offset <= 10
+        kept = [len((await fx.broker.history(f"m:{i:02d}", OPTS)).publications) for i in range(20)]
+        assert sum(kept) * (10 * 1024) <= bound
+        first_kept = next(i for i, k in enumerate(kept) if k)
+        assert all(kept[first_kept + 1 :]), kept  # every channel after the first one kept holds some
+    finally:
+        await fx.broker.close()
+
+
+async def test_sqlite_read_cache_is_bounded_in_bytes_lru_first(tmp_path: Path) -> None:
+    bound = 300 * 1024  # the 20 channels end with about 2 MiB: the last two or three fit
+    fx = await build("sqlite", tmp_path, BrokerOptions(history_cache_bytes=bound, max_history_bytes=0))
+    assert isinstance(fx.broker, SqliteBroker)
+    try:
+        blob = "x" * 10 * 1024
+        for i in range(200):
+            ch = f"q:{i % 20:02d}"
+            await fx.broker.history(ch, OPTS, since=0)  # read: the channel is cached
+            await fx.publish_one(ch, blob)
+            assert fx.broker._cache.bytes <= bound
+        assert fx.broker._cache.get("q:00") is None  # least recently used: dropped first
+        assert fx.broker._cache.get("q:19") is not None
+        # the cache is only a cache: every channel's history is still complete from the disk
+        for ch in ("q:00", "q:07", "q:19"):
+            res = await fx.broker.history(ch, OPTS, since=0)
+            assert [p.offset for p in res.publications] == list(range(1, 11))
+            assert fx.broker._cache.bytes <= bound
+    finally:
+        await fx.broker.close()
+
+
+async def test_sqlite_history_bigger_than_the_read_cache_is_still_served(tmp_path: Path) -> None:
+    """A channel whose history does not fit the cache is read from disk every time, and counts nothing."""
+    bound = 20 * 1024
+    fx = await build("sqlite", tmp_path, BrokerOptions(history_cache_bytes=bound, max_history_bytes=0))
+    assert isinstance(fx.broker, SqliteBroker)
+    try:
+        await fx.publish(*(req("big:x", "x" * 10 * 1024) for _ in range(5)))
+        for _ in range(2):
+            res = await fx.broker.history("big:x", OPTS, since=0)
+            assert [p.offset for p in res.publications] == [1, 2, 3, 4, 5]
+            assert fx.broker._cache.get("big:x") is None and fx.broker._cache.bytes == 0
+    finally:
+        await fx.broker.close()
+
+
+async def test_sqlite_disk_history_is_bounded_in_bytes_oldest_channels_first(tmp_path: Path) -> None:
+    bound = 100 * 1024
+    fx = await build("sqlite", tmp_path, BrokerOptions(max_history_bytes=bound))
+    assert isinstance(fx.broker, SqliteBroker)
+    try:
+        blob = "x" * 10 * 1024
+        for i in range(20):
+            await fx.publish(*(req(f"k:{i:02d}", blob) for _ in range(2)))
+            assert fx.broker.disk_bytes <= bound
+            await next_ms()  # each channel's last publish at a distinct time
+        assert fx.broker.disk_bytes > bound // 2
+        db = sqlite3.connect(fx.db or "")
+        try:
+            on_disk = db.execute("SELECT COALESCE(SUM(length(data)), 0) FROM pubs").fetchone()[0]
+        finally:
+            db.close()
+        assert on_disk <= bound
+        old = await fx.broker.history("k:00", OPTS, since=0)
+        assert old.publications == [] and old.position.offset == 2
+        assert not can_recover(old, StreamPosition(0, old.position.epoch))  # recovered: false
+        new = await fx.broker.history("k:19", OPTS, since=0)
+        assert [p.offset for p in new.publications] == [1, 2]
+        assert can_recover(new, StreamPosition(0, new.position.epoch))
+        kept = [bool((await fx.broker.history(f"k:{i:02d}", OPTS)).publications) for i in range(20)]
+        assert kept == sorted(kept), kept  # the oldest ones lost theirs, the newest kept theirs
+        assert (await fx.publish_one("k:00", "again")).offset == 3
+    finally:
+        await fx.broker.close()
+
+
+# ---------------------------------------------------------------------------------------- sqlite cache
+
+
+@pytest.mark.parametrize("stale", ["epoch", "top"])
+async def test_sqlite_stale_cache_is_discarded_never_served(tmp_path: Path, stale: str) -> None:
+    fx = await build("sqlite", tmp_path, BrokerOptions())
+    assert isinstance(fx.broker, SqliteBroker)
+    try:
+        real = [await fx.publish_one("sc:x", i) for i in range(2)]
+        epoch = real[0].epoch
+        assert [p.data for p in (await fx.broker.history("sc:x", OPTS)).publications] == [0, 1]
+        # A cached stream that does not match the database
+        if stale == "epoch":
+            fakes = [Publication("sc:x", o, "stale", f"f{o}", now_ms(), raw=b'"fake"') for o in (1, 2)]
+            wrong = Stream("stale", 2, fakes)
+        else:
+            fakes = [Publication("sc:x", o, epoch, f"f{o}", now_ms(), raw=b'"fake"') for o in (1, 2, 3, 4)]
+            wrong = Stream(epoch, 4, fakes)
+        fx.broker._cache.put("sc:x", wrong)
+        pub = await fx.publish_one("sc:x", 2)
+        assert pub.position() == StreamPosition(3, epoch)
+        res = await fx.broker.history("sc:x", OPTS, since=0)
+        db = sqlite3.connect(fx.db or "")
+        try:
+            rows = db.execute("SELECT offset, data FROM pubs WHERE channel='sc:x' ORDER BY offset").fetchall()
+        finally:
+            db.close()
+        assert [(p.offset, p.raw) for p in res.publications] == [(o, bytes(d)) for o, d in rows]
+        assert [p.data for p in res.publications] == [0, 1, 2]
+        assert res.position == StreamPosition(3, epoch)
+    finally:
+        await fx.broker.close()
+
+
+# ---------------------------------------------------------------------------------------- URLs
+
+
+@pytest.mark.parametrize("url", ["redis://x", "bogus://", "redis://user:secret@h:6379/0", "nothing"])
+def test_unknown_scheme_names_the_known_ones_and_hides_the_password(url: str) -> None:
+    with pytest.raises(BrokerURLError) as exc:
+        broker_from_url(url)
+    msg = str(exc.value)
+    assert "memory://" in msg and "sqlite://" in msg
+    assert "secret" not in msg and "user:" not in msg
