@@ -324,3 +324,41 @@ async def test_one_failing_delivery_never_leaves_its_group_unacknowledged(
             results = (await r.json())["results"]
     assert r.status == 200 and [x.get("offset") for x in results] == [1, 1, 2], results
     assert [m["data"] for m in await p.messages(1)] == ["pub:fine"]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_history_memory_is_bounded_in_bytes(
+    subprocess_server: Any, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """800 publications of 60 KiB of `[[],[],…]` over 16 channels, all read back: the server's RSS grows
+    by about the configured cache, not by the parsed size (before: about 1 MB of RSS per message, 800 MB
+    here, kept after the clients left)."""
+    config = tmp_path / "mem.toml"
+    config.write_text("history_cache_bytes = 8388608\napi_keys = ['" + "k" * 20 + "']\n")
+    proc = subprocess_server("--config", str(config))
+    assert proc.proc is not None
+    headers = {"Authorization": "Bearer " + "k" * 20, "Content-Type": "application/json"}
+    blob = "[" + ",".join(["[]"] * 20_000) + "]"  # 60 KB of JSON that parses into 20,001 lists
+    before = rss_kib(proc.proc.pid)
+    for _ in range(50):
+        body = (
+            '{"publications": ['
+            + ",".join(f'{{"channel": "pub:m{c}", "data": {blob}}}' for c in range(16))
+            + "]}"
+        )
+        async with session.post(
+            f"{proc.http}/api/batch", headers=headers, data=io.BytesIO(body.encode())
+        ) as r:
+            assert r.status == 200, await r.text()
+    for c in range(16):  # reads load every channel into the read cache
+        async with session.get(f"{proc.http}/api/channels/pub:m{c}/history?limit=1000", headers=headers) as r:
+            assert r.status == 200 and len((await r.json())["publications"]) == 50
+    grown = rss_kib(proc.proc.pid) - before
+    print(f"RSS grew by {grown} KiB")
+    assert grown < 100 * 1024, f"RSS grew by {grown} KiB"
