@@ -52,7 +52,7 @@ async def serve(settings: Settings, sock: socket.socket | None = None) -> int:
         key, path, created = ensure_api_key(settings.data_dir)
         settings.api_keys = [ApiKey("generated", key, "admin")]
         key_note = f"API key {'created in' if created else 'in'} {path.resolve()}"
-    log.info("%s", fit_open_files(settings))
+    files_note = fit_open_files(settings)  # before the node reads max_connections; logged once started
     log_accept_errors(asyncio.get_running_loop())
     app = create_app(settings)
     runner = make_runner(app, settings.header_timeout, access_log=None, shutdown_timeout=5)
@@ -71,6 +71,7 @@ async def serve(settings: Settings, sock: socket.socket | None = None) -> int:
         if settings.broker
         else f"{settings.broker_url} (data dir {settings.data_dir.resolve()})"
     )
+    log.info("%s", files_note)
     log.info(
         "tidings %s listening on http://%s:%s (WebSocket /ws); history: %s; %s",
         __version__,
