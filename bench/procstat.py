@@ -20,8 +20,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.stats import us_per_op
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -86,7 +91,7 @@ class Delta:
 
     def per(self, n: int) -> float | None:
         """Server CPU microseconds per unit of work (delivery, publish, round trip)."""
-        return self.cpu_us / n if n > 0 else None
+        return us_per_op(self.cpu_s, n)
 
     def as_dict(self) -> dict[str, float | int]:
         return {

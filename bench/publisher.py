@@ -26,10 +26,15 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.stats import percentile, rate
 
 try:
     import uvloop
@@ -86,6 +91,11 @@ class Schedule:
         if time.monotonic() >= self.deadline:
             return None
         return i
+
+
+def pad_for(size: int) -> str:
+    """The padding that makes ``make_data`` about ``size`` bytes of JSON (``t`` has 19 digits)."""
+    return "x" * max(0, size - 34)
 
 
 def make_data(pad: str) -> dict[str, Any]:
@@ -220,16 +230,9 @@ async def run_chatsocket(a: argparse.Namespace, st: Stats, sched: Schedule, pad:
         dtask.cancel()
 
 
-def pct(values: list[int], p: float) -> float:
-    if not values:
-        return 0.0
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, int(p * len(v)) - 1))] / 1e6
-
-
 async def main_async(a: argparse.Namespace) -> dict[str, Any]:
     st = Stats()
-    pad = "x" * max(0, a.size - 34)
+    pad = pad_for(a.size)
     sched = Schedule(a.rate, a.count, time.monotonic() + a.duration)
     runner = {"http": run_http, "ws": run_ws, "chatsocket": run_chatsocket}[a.mode]
     t0 = time.monotonic()
@@ -248,12 +251,12 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         "errors": sum(st.errors.values()),
         "error_kinds": dict(st.errors),
         "elapsed_s": round(elapsed, 3),
-        "rate": round(st.published / span, 1) if span > 0 else 0.0,
+        "rate": round(rate(st.published, span), 1),
         "target_rate": a.rate,
         "concurrency": a.concurrency if a.mode == "http" else a.window * a.connections,
         "ack_ms": {
-            "p50": round(pct(st.ack_ns, 0.5), 3),
-            "p99": round(pct(st.ack_ns, 0.99), 3),
+            "p50": round(percentile(st.ack_ns, 0.5) / 1e6, 3),
+            "p99": round(percentile(st.ack_ns, 0.99) / 1e6, 3),
             "max": round(max(st.ack_ns, default=0) / 1e6, 3),
         },
         "epoch": st.epoch,

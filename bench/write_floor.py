@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import steered_rx
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # make the `bench` package importable
+from bench.harness import steered_rx
+from bench.stats import us_per_op
 
 
 def main() -> None:
@@ -47,8 +48,8 @@ def main() -> None:
             c0 = time.process_time()
             for fd in fds:
                 os.write(fd, data)
-            cpu = (time.process_time() - c0) / len(fds) * 1e6
-            best = min(best, cpu)
+            cpu = us_per_op(time.process_time() - c0, len(fds))
+            best = min(best, cpu or 0.0)
             for r in readers:
                 r.recv(65536)
     where = f"steered to CPU {a.steer_rx}" if a.steer_rx is not None else "on the writing CPU"

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from tidings.protocol import CloseCode
+from tidings.transports.formats import ws_frame, ws_zframe
 
 from .conftest import ProbeFactory, Server, ServerFactory, api_headers
 from .rawws import client_frame, raw_upgrade, read_frame, read_until_close
@@ -315,8 +316,10 @@ async def test_compression_one_frame_for_all_deflate_peers(
     # Compressed once: the cached frame is a deflate frame (RSV1) much smaller than the plain one.
     res = await srv.node.broker.history("pub:z", srv.settings.namespace_for("pub:z").history)  # type: ignore[union-attr]
     first = res.publications[0]
-    assert first.id == pub["id"] and first.zframe_cache is not None and first.frame_cache is not None
-    assert first.zframe_cache[0] & 0x40 and len(first.zframe_cache) < len(first.frame_cache) / 10
+    assert first.id == pub["id"] and first.cache is not None
+    zframe, frame = first.cache[ws_zframe], first.cache[ws_frame]
+    assert zframe is not None and frame is not None
+    assert zframe[0] & 0x40 and len(zframe) < len(frame) / 10
 
 
 async def test_publishes_of_one_read_are_grouped_and_answered_each(

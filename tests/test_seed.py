@@ -12,9 +12,18 @@ import aiohttp
 import orjson
 import pytest
 
-from tidings.transports.seed import CHAT_BRIDGE, linkify
+from tidings.transports.seed import linkify
 
 from .conftest import ProbeFactory, Server, ServerFactory, api_headers
+
+
+async def live_in_lobby(server: Server, n: int) -> list[dict[str, str]]:
+    """Wait until ``n`` clients are live in chat:lobby (any transport: they are in its presence)."""
+    async with asyncio.timeout(5):
+        while len(clients := await server.node.presence.clients("chat:lobby")) < n:
+            await asyncio.sleep(0.01)
+    return clients
+
 
 HOSTILE = [
     "<script>alert(1)</script>",
@@ -64,10 +73,8 @@ def _check_demo_message(m: dict[str, Any], body: str) -> None:
 async def test_chatsocket_demo_protocol(server: Server, session: aiohttp.ClientSession) -> None:
     url = f"ws://127.0.0.1:{server.port}/chatsocket"
     async with session.ws_connect(url) as a, session.ws_connect(url) as b:
-        # Wait until both are registered (the bridge counts its clients).
-        async with asyncio.timeout(5):
-            while len(server.runner.app[CHAT_BRIDGE].clients) < 2:
-                await asyncio.sleep(0.01)
+        # Wait until both are live subscribers of chat:lobby (they show in presence then).
+        await live_in_lobby(server, 2)
         for body in ["hello from the demo", *HOSTILE]:
             # The demo's chat.js sends the whole form: body and the _xsrf field.
             await a.send_str(orjson.dumps({"body": body, "_xsrf": "2|abc"}).decode())
@@ -82,9 +89,7 @@ async def test_chatsocket_meets_ws_and_http_api(
     async with session.ws_connect(f"ws://127.0.0.1:{server.port}/chatsocket") as demo:
         ws_client = await probe(server)
         await ws_client.ok("subscribe", channel="chat:lobby")
-        async with asyncio.timeout(5):
-            while not server.runner.app[CHAT_BRIDGE].clients:
-                await asyncio.sleep(0.01)
+        await live_in_lobby(server, 2)
         await demo.send_str('{"body": "from the demo"}')
         assert (await ws_client.messages(1))[0]["data"] == {"body": "from the demo"}
         assert (await recv_json(demo))["body"] == "from the demo"

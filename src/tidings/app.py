@@ -9,14 +9,14 @@ import logging
 
 from aiohttp import web
 
-from .backends import Broker, broker_from_url
+from .backends import Broker, BrokerOptions, broker_from_url
 from .config import Settings
 from .node import NODE, Node
 from .protocol import CloseCode
 from .transports.flush import FLUSHER, Flusher
 from .transports.http_api import api_routes, error_middleware
 from .transports.pages import page_routes, security_headers
-from .transports.seed import CHAT_BRIDGE, ChatBridge, chatsocket_handler, echo_handler
+from .transports.seed import chatsocket_handler, echo_handler
 from .transports.websocket import ws_handler
 from .transports.wsbase import HEARTBEAT, Heartbeat
 
@@ -28,16 +28,17 @@ SHUTDOWN_GRACE = 3.0
 
 def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
     """A ready aiohttp application. ``broker`` overrides the one named by ``settings.broker_url``."""
-    node = Node(
-        settings,
-        broker or broker_from_url(settings.broker_url, sqlite_synchronous=settings.sqlite_synchronous),
+    opts = BrokerOptions(
+        sqlite_synchronous=settings.sqlite_synchronous,
+        history_cache_bytes=settings.history_cache_bytes,
+        max_history_bytes=settings.max_history_bytes,
     )
+    node = Node(settings, broker or broker_from_url(settings.broker_url, opts))
     app = web.Application(
         middlewares=[security_headers, error_middleware], client_max_size=settings.max_http_body
     )
     app[NODE] = node
     app[FLUSHER] = Flusher()
-    app[CHAT_BRIDGE] = ChatBridge(node)
     app[HEARTBEAT] = heartbeat = Heartbeat(node, settings.ping_interval)
     app.router.add_routes(api_routes())
     app.router.add_get("/ws", ws_handler)

@@ -47,6 +47,12 @@ __all__ = [
 
 API_KEY_FILE = "api-key"
 Action = Literal["subscribe", "publish", "history", "presence"]
+API_ROLE_FOR: dict[str, str] = {
+    "subscribe": "read",
+    "publish": "publish",
+    "history": "read",
+    "presence": "read",
+}
 HMAC_ALGS = ("HS256", "HS384", "HS512")
 PUBLIC_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA")
 MAX_EXP = 253402300799  # 9999-12-31T23:59:59Z: the latest `exp` a token may carry
@@ -65,14 +71,18 @@ def _fits(k: jwt.PyJWK, alg: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
+    """Who is asking: a user (from a connection token), an anonymous client, or a backend holding an
+    API key (``api_key``; the HTTP API)."""
+
     user: str = ""  # "" is anonymous
     info: dict[str, Any] | None = None
     channels: tuple[str, ...] | None = None  # patterns the token limits the connection to
     expires: float | None = None  # Unix time the connection token expires
+    api_key: ApiKey | None = None
 
     @property
     def anonymous(self) -> bool:
-        return not self.user
+        return not self.user and self.api_key is None
 
     def allows(self, channel: str) -> bool:
         return self.channels is not None and any(fnmatchcase(channel, p) for p in self.channels)

@@ -17,7 +17,7 @@ import orjson
 
 from . import __version__
 from .auth import StorageError, ensure_api_key, read_api_key
-from .backends.base import BrokerError
+from .backends import BrokerError, BrokerURLError
 from .config import ApiKey, ConfigError, Settings, load_settings
 from .protocol import StreamPosition
 
@@ -52,7 +52,7 @@ async def serve(settings: Settings, sock: socket.socket | None = None) -> int:
         key, path, created = ensure_api_key(settings.data_dir)
         settings.api_keys = [ApiKey("generated", key, "admin")]
         key_note = f"API key {'created in' if created else 'in'} {path.resolve()}"
-    files_note = fit_open_files(settings)  # before the node reads max_connections; logged once started
+    open_files = fit_open_files(settings)  # logged once the server started (a failed start says one line)
     log_accept_errors(asyncio.get_running_loop())
     app = create_app(settings)
     runner = make_runner(app, settings.header_timeout, access_log=None, shutdown_timeout=5)
@@ -64,6 +64,7 @@ async def serve(settings: Settings, sock: socket.socket | None = None) -> int:
         site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
         host, port = settings.host, settings.port
     await site.start()
+    log.info("%s", open_files)
     if port == 0 and runner.addresses:
         host, port = runner.addresses[0][:2]
     data = (
@@ -71,7 +72,6 @@ async def serve(settings: Settings, sock: socket.socket | None = None) -> int:
         if settings.broker
         else f"{settings.broker_url} (data dir {settings.data_dir.resolve()})"
     )
-    log.info("%s", files_note)
     log.info(
         "tidings %s listening on http://%s:%s (WebSocket /ws); history: %s; %s",
         __version__,
@@ -111,6 +111,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock = socket.socket(fileno=args.fd) if args.fd is not None else None
     try:
         return _run(serve(settings, sock))
+    except BrokerURLError as exc:
+        print(f"tidings: configuration error: {exc}", file=sys.stderr)
+        return 2
     except StorageError as exc:  # the data dir: the API key file
         print(f"tidings: cannot start: {exc.strerror} (check data_dir)", file=sys.stderr)
         return 1

@@ -96,6 +96,10 @@ class Settings:
     max_connections: int = 100_000
     max_connections_per_ip: int = 1000
     max_subscriptions: int = 512
+    history_cache_bytes: int = 256 << 20  # bytes of recent history kept in memory for reads (sqlite)
+    max_history_bytes: int = (
+        1 << 30
+    )  # bytes of history stored in all; the least recently used channels lose theirs first
     client_rate: float = 100.0  # commands per second per connection (burst: twice that)
     user_rate: float = 200.0  # commands per second per user over all their connections
     api_failures_per_minute: int = 10  # failed API key attempts per address before 429
@@ -146,6 +150,8 @@ _SCALARS: dict[str, type] = {
     "max_connections": int,
     "max_connections_per_ip": int,
     "max_subscriptions": int,
+    "history_cache_bytes": int,
+    "max_history_bytes": int,
     "client_rate": float,
     "user_rate": float,
     "api_failures_per_minute": int,

@@ -1,9 +1,14 @@
-"""Channels and the local subscribers on this node; fan-out. The hub never touches sockets.
+"""Channels and the local subscribers on this node; fan-out. The hub never touches sockets or wire formats.
 
-Transports hand the hub a :class:`Sink`. A publication is encoded once and framed once; the same bytes are
-offered to every subscriber. A subscriber that is still catching up (recovery, or just subscribing) gets
-live publications into a bounded pending list, which is flushed after its replay with duplicates dropped,
-so the stream it sees has no gap and no duplicate.
+Transports hand the hub a :class:`Sink`; the hub hands each sink *publications* (and join/leave
+*events*), and each sink renders its own wire format through the item's per-format cache
+(:func:`tidings.protocol.encoded`), so a publication's bytes are built once per format whatever the number
+of subscribers. A subscriber that is still catching up (recovery, or just subscribing) gets live
+publications into a pending list bounded in bytes, which is flushed after its replay with duplicates
+dropped, so the stream it sees has no gap and no duplicate.
+
+Nothing here calls back into a transport in a way that can call back into the hub: ``Sink.push`` never
+closes synchronously and ``Sink.close`` schedules its own clean-up on the loop.
 """
 
 from __future__ import annotations
@@ -11,17 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-import orjson
+from .protocol import CloseCode, Event, Publication
 
-from .protocol import CloseCode, Publication, deflate_payload, text_frame
-
-__all__ = ["Hub", "Sink", "frame_of", "zframe_of"]
-
-COMPRESS_MIN = 256  # payloads smaller than this are sent uncompressed even to deflate peers
+__all__ = ["Hub", "Sink"]
 
 
 class Sink(Protocol):
-    """What the hub needs of a connection."""
+    """What the hub needs of a subscriber: one per connection (any transport)."""
 
     @property
     def client_id(self) -> str: ...
@@ -29,39 +30,13 @@ class Sink(Protocol):
     @property
     def user(self) -> str: ...
 
-    @property
-    def deflate(self) -> bool:
-        """The peer accepts permessage-deflate frames (one compressed frame serves all such peers)."""
-        ...
-
-    def offer(self, frame: bytes) -> bool:
-        """Queue ``frame`` without blocking; False when the sink is closed or was just cut off as slow."""
+    def push(self, item: Publication | Event) -> None:
+        """Queue ``item`` without blocking and without calling back into the hub."""
         ...
 
     def close(self, code: CloseCode, reason: str | None = None) -> None:
-        """Close soon (never synchronously calls back into the hub)."""
+        """Close soon; the clean-up (leaving channels) runs later on the loop, never inside this call."""
         ...
-
-
-def frame_of(pub: Publication) -> bytes:
-    """The push frame of ``pub``, built once and cached on the publication."""
-    frame = pub.frame_cache
-    if frame is None:
-        frame = pub.frame_cache = text_frame(pub.push_bytes())
-    return frame
-
-
-def zframe_of(pub: Publication) -> bytes:
-    """The push frame of ``pub`` for permessage-deflate peers: compressed once (no context takeover)."""
-    frame = pub.zframe_cache
-    if frame is None:
-        payload = pub.push_bytes()
-        if len(payload) < COMPRESS_MIN:
-            frame = frame_of(pub)
-        else:
-            frame = text_frame(deflate_payload(payload), compressed=True)
-        pub.zframe_cache = frame
-    return frame
 
 
 class _Sub:
@@ -69,49 +44,54 @@ class _Sub:
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
-        # Live publications that arrived while the subscription was being set up: (offset, frame).
-        self.pending: list[tuple[int, bytes]] | None = []
+        # Live publications that arrived while the subscription was being set up.
+        self.pending: list[Publication] | None = []
         self.pending_bytes = 0
 
 
-class Hub:
-    """Maps channel -> subscribers (in subscription order) and fans publications out."""
+InterestFn = Callable[[str, bool], None]
 
-    def __init__(self, *, max_pending_bytes: int = 1 << 20) -> None:
+
+def _no_interest(channel: str, on: bool) -> None:
+    return None
+
+
+class Hub:
+    """Maps channel -> subscribers (in subscription order) and fans publications out.
+
+    ``on_interest(channel, True)`` is called when a channel gets its first local subscriber and
+    ``on_interest(channel, False)`` when it loses its last one (a broker between nodes subscribes to the
+    channel's live stream only while this node has an interest in it)."""
+
+    def __init__(self, *, max_pending_bytes: int = 1 << 20, on_interest: InterestFn | None = None) -> None:
         self._channels: dict[str, dict[Sink, _Sub]] = {}
         self._max_pending = max_pending_bytes
-        self._listeners: dict[str, list[Callable[[Publication], None]]] = {}
-
-    def add_listener(self, channel: str, fn: Callable[[Publication], None]) -> None:
-        """Call ``fn(pub)`` for every publication of ``channel`` (bridges to other wire formats)."""
-        self._listeners.setdefault(channel, []).append(fn)
-
-    def remove_listener(self, channel: str, fn: Callable[[Publication], None]) -> None:
-        fns = self._listeners.get(channel, [])
-        if fn in fns:
-            fns.remove(fn)
-        if not fns:
-            self._listeners.pop(channel, None)
+        self._on_interest = on_interest or _no_interest
 
     # ------------------------------------------------------------------------------ membership
 
     def add(self, channel: str, sink: Sink) -> bool:
         """Register ``sink`` on ``channel`` in catching-up mode. False if it is already there."""
-        subs = self._channels.setdefault(channel, {})
-        if sink in subs:
+        subs = self._channels.get(channel)
+        if subs is None:
+            subs = self._channels[channel] = {}
+            self._on_interest(channel, True)
+        elif sink in subs:
             return False
         subs[sink] = _Sub(sink)
         return True
 
-    def go_live(self, channel: str, sink: Sink, after_offset: int) -> None:
-        """Flush what arrived while catching up (offsets above ``after_offset`` only), then go live."""
+    def go_live(self, channel: str, sink: Sink, after_offset: int) -> bool:
+        """Push what arrived while catching up (offsets above ``after_offset`` only: the replay had the
+        rest), then go live. False when the sink is no longer subscribed (cut off while catching up)."""
         sub = self._channels.get(channel, {}).get(sink)
         if sub is None or sub.pending is None:
-            return
+            return sub is not None
         pending, sub.pending, sub.pending_bytes = sub.pending, None, 0
-        for offset, frame in pending:
-            if offset > after_offset and not sink.offer(frame):
-                return
+        for pub in pending:
+            if pub.offset > after_offset:
+                sink.push(pub)
+        return True
 
     def remove(self, channel: str, sink: Sink) -> bool:
         subs = self._channels.get(channel)
@@ -119,42 +99,44 @@ class Hub:
             return False
         if not subs:
             del self._channels[channel]
+            self._on_interest(channel, False)
         return True
+
+    def is_live(self, channel: str, sink: Sink) -> bool:
+        sub = self._channels.get(channel, {}).get(sink)
+        return sub is not None and sub.pending is None
 
     # ------------------------------------------------------------------------------ fan-out
 
     def deliver(self, pub: Publication) -> int:
-        """Offer ``pub`` to every local subscriber of its channel; returns how many took it."""
-        if self._listeners:
-            for fn in self._listeners.get(pub.channel, ()):
-                fn(pub)
+        """Hand ``pub`` to every local subscriber of its channel; returns how many live ones got it."""
         subs = self._channels.get(pub.channel)
         if not subs:
             return 0
-        frame = frame_of(pub)
         n = 0
-        for sub in list(subs.values()):
+        for sub in tuple(subs.values()):
             pending = sub.pending
             if pending is None:
-                sink = sub.sink
-                if sink.offer(zframe_of(pub) if sink.deflate else frame):
-                    n += 1
+                sub.sink.push(pub)
+                n += 1
             else:
-                pending.append((pub.offset, zframe_of(pub) if sub.sink.deflate else frame))
-                sub.pending_bytes += len(frame)
+                pending.append(pub)
+                sub.pending_bytes += pub.size
                 if sub.pending_bytes > self._max_pending:
+                    # Too far behind while catching up: it cannot be made whole, so it is cut off.
+                    self.remove(pub.channel, sub.sink)
+                    sub.pending = []
                     sub.sink.close(CloseCode.SLOW_CONSUMER)
         return n
 
-    def broadcast_raw(self, channel: str, payload: dict[str, object], exclude: Sink | None = None) -> None:
-        """Push a non-publication event (join/leave) to the channel's live subscribers."""
-        subs = self._channels.get(channel)
+    def deliver_event(self, event: Event) -> None:
+        """Hand a join/leave event to the channel's live subscribers, except the client it is about."""
+        subs = self._channels.get(event.channel)
         if not subs:
             return
-        frame = text_frame(orjson.dumps(payload))
-        for sub in list(subs.values()):
-            if sub.sink is not exclude and sub.pending is None:
-                sub.sink.offer(frame)
+        for sub in tuple(subs.values()):
+            if sub.pending is None and sub.sink.client_id != event.client:
+                sub.sink.push(event)
 
     # ------------------------------------------------------------------------------ introspection
 

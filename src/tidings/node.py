@@ -1,25 +1,24 @@
-"""The running server's state shared by every transport: settings, hub, broker and the channel rules."""
+"""The running server's state shared by every transport: settings, policy gate, hub, broker, presence and
+the subscription lifecycle."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
-import orjson
 from aiohttp import web
 
-from .auth import TokenVerifier
-from .backends.base import Broker, BrokerError, HistoryResult, PublishRequest
-from .config import Namespace, Settings
-from .history import can_recover
+from .backends.base import Broker, BrokerError, PresenceStore, PublishDone, PublishRequest
+from .config import Settings
 from .hub import Hub
-from .limits import ConnectionLimiter, FailureLimiter, RateLimiter, parse_networks
-from .protocol import CloseCode, ErrorCode, ProtocolError, Publication, StreamPosition, is_valid_channel
+from .limits import ConnectionLimiter, FailureLimiter, parse_networks
+from .policy import Policy
+from .presence import LocalPresence
+from .protocol import CloseCode, Publication
+from .subscriptions import Subscriptions
 
 __all__ = ["NODE", "Connection", "Node"]
-
-NS_CACHE_SIZE = 10_000
 
 
 class Connection(Protocol):
@@ -29,17 +28,17 @@ class Connection(Protocol):
 
 
 class Node:
-    def __init__(self, settings: Settings, broker: Broker) -> None:
+    def __init__(self, settings: Settings, broker: Broker, presence: PresenceStore | None = None) -> None:
         self.settings = settings
         self.broker = broker
-        self.hub = Hub(max_pending_bytes=settings.max_buffer)
+        self.policy = Policy(settings)
+        self.hub = Hub(max_pending_bytes=settings.max_buffer, on_interest=broker.interest)
+        self.presence: PresenceStore = presence or LocalPresence()
+        self.subscriptions = Subscriptions(self.hub, broker, self.presence)
         self.connections: set[Connection] = set()
-        self._ns_cache: dict[str, Namespace] = {}  # valid channel -> its rules
         self.drained = asyncio.Event()  # set whenever the last connection goes away
         self.started = time.time()
-        self.tokens = TokenVerifier(settings)
         self.conn_limits = ConnectionLimiter(settings.max_connections, settings.max_connections_per_ip)
-        self.user_rates = RateLimiter(settings.user_rate, settings.user_rate * 2)
         self.auth_failures = FailureLimiter(settings.api_failures_per_minute)
         self.trusted_proxies = parse_networks(settings.trusted_proxies)
 
@@ -49,87 +48,29 @@ class Node:
             self.drained.set()
 
     async def start(self) -> None:
-        await self.broker.start(self.hub.deliver)
+        await self.broker.start(self.hub)
 
     async def close(self) -> None:
         await self.broker.close()
 
-    def namespace(self, channel: object, rid: int | str | None = None) -> Namespace:
-        """The rules for ``channel``; ProtocolError invalid_field, invalid_channel or unknown_namespace."""
-        if isinstance(channel, str):
-            known = self._ns_cache.get(channel)
-            if known is not None:  # validated before: skip the regex on the hot path
-                return known
-        if channel is None:
-            raise ProtocolError(ErrorCode.INVALID_FIELD, "channel is required", rid)
-        if not is_valid_channel(channel):
-            raise ProtocolError(
-                ErrorCode.INVALID_CHANNEL,
-                "channel must be 1-255 characters of letters, digits and _-:.@/=",
-                rid,
-            )
-        assert isinstance(channel, str)
-        ns = self.settings.namespace_for(channel)
-        if ns is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_NAMESPACE, f"no namespace configured for {channel!r}", rid)
-        if len(self._ns_cache) >= NS_CACHE_SIZE:
-            self._ns_cache.clear()
-        self._ns_cache[channel] = ns
-        return ns
+    def submit(self, reqs: list[PublishRequest], done: PublishDone) -> None:
+        """Hand publish requests that passed the gate to the broker as one group (one queue item, one
+        transaction); ``done`` gets the publications in order, or the group's BrokerError."""
+        self.broker.publish_many(reqs, done)
 
-    def publish(
-        self,
-        channel: str,
-        data: Any,
-        ns: Namespace,
-        info: dict[str, Any] | None = None,
-        rid: int | str | None = None,
-    ) -> asyncio.Future[Publication]:
-        """One publication, size-checked, as a future. The channel and permission checks are the caller's."""
-        fut: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
-        req = self.publish_request(channel, data, ns, info, rid)
+    async def publish(self, reqs: list[PublishRequest]) -> list[Publication]:
+        """:meth:`submit`, awaited. Raises BrokerError."""
+        done: asyncio.Future[list[Publication] | BrokerError] = asyncio.get_running_loop().create_future()
 
-        def done(result: list[Publication] | BrokerError) -> None:
-            if fut.done():
-                return
-            if isinstance(result, BrokerError):
-                fut.set_exception(result)
-            else:
-                fut.set_result(result[0])
+        def finish(result: list[Publication] | BrokerError) -> None:
+            if not done.done():
+                done.set_result(result)
 
-        self.broker.publish_many([req], done)
-        return fut
-
-    def publish_request(
-        self,
-        channel: str,
-        data: Any,
-        ns: Namespace,
-        info: dict[str, Any] | None = None,
-        rid: int | str | None = None,
-    ) -> PublishRequest:
-        """A size-checked request for ``broker.publish_many`` (message_too_large if ``data`` is too big)."""
-        limit = ns.max_message_size or self.settings.max_message_size
-        encoded = orjson.dumps(data)
-        if len(encoded) > limit:
-            raise ProtocolError(
-                ErrorCode.MESSAGE_TOO_LARGE, f"data is {len(encoded)} bytes; the limit here is {limit}", rid
-            )
-        return PublishRequest(channel, data, ns.history, info, encoded)
-
-    async def history(
-        self, channel: str, ns: Namespace, since: StreamPosition | None, limit: int | None
-    ) -> tuple[HistoryResult, bool | None]:
-        """History for a reader; with ``since`` also whether it was complete (the recovery verdict)."""
-        if ns.history_size <= 0:
-            raise ProtocolError(ErrorCode.NOT_AVAILABLE, f"namespace {ns.name!r} keeps no history")
-        if since is None:
-            return await self.broker.history(channel, ns.history, limit=limit), None
-        res = await self.broker.history(channel, ns.history, since=since.offset, limit=limit)
-        ok = can_recover(res, since)
-        if not ok:
-            res.publications = []
-        return res, ok
+        self.submit(reqs, finish)
+        result = await done
+        if isinstance(result, BrokerError):
+            raise result
+        return result
 
 
 NODE = web.AppKey("tidings.node", Node)

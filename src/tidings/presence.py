@@ -1,18 +1,39 @@
-"""Who is in a channel on this node, and join/leave events."""
+"""Who is in a channel: the local :class:`~tidings.backends.base.PresenceStore`.
+
+Presence is kept apart from the hub's subscriber lists (a store shared by several nodes replaces this
+one); the subscription lifecycle (``subscriptions.py``) adds a client when it goes live and removes it
+when it leaves. A channel's list is built once per change and reused by every read in between.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-from .hub import Hub, Sink
-
-__all__ = ["join_leave_event", "presence"]
+__all__ = ["LocalPresence"]
 
 
-def presence(hub: Hub, channel: str) -> list[dict[str, Any]]:
-    """The clients subscribed to ``channel`` here, in subscription order."""
-    return [{"client": s.client_id, "user": s.user} for s in hub.subscribers(channel)]
+class LocalPresence:
+    """This node's presence: channel -> {client: user}, in join order."""
 
+    def __init__(self) -> None:
+        self._channels: dict[str, dict[str, str]] = {}
+        self._snapshots: dict[str, list[dict[str, str]]] = {}
 
-def join_leave_event(kind: str, channel: str, sink: Sink) -> dict[str, object]:
-    return {"type": kind, "channel": channel, "client": sink.client_id, "user": sink.user}
+    def add(self, channel: str, client: str, user: str) -> None:
+        self._channels.setdefault(channel, {})[client] = user
+        self._snapshots.pop(channel, None)
+
+    def remove(self, channel: str, client: str) -> None:
+        members = self._channels.get(channel)
+        if members is None or members.pop(client, None) is None:
+            return
+        if not members:
+            del self._channels[channel]
+        self._snapshots.pop(channel, None)
+
+    async def clients(self, channel: str) -> list[dict[str, str]]:
+        snap = self._snapshots.get(channel)
+        if snap is None:
+            members = self._channels.get(channel, {})
+            snap = [{"client": c, "user": u} for c, u in members.items()]
+            if members:
+                self._snapshots[channel] = snap
+        return snap

@@ -1,31 +1,82 @@
-"""Backends, chosen by URL: memory:// or sqlite:///path."""
+"""Backends, chosen by the scheme of a URL: ``memory://`` or ``sqlite:///path``.
+
+A new broker registers a factory for its scheme with :func:`register_broker`; :func:`broker_from_url`
+refuses an unknown scheme with a :class:`BrokerURLError` that names the known ones.
+"""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import SplitResult, urlsplit
 
-from .base import Broker, BrokerError, HistoryOptions, HistoryResult
+from .base import Broker, BrokerError, HistoryOptions, HistoryResult, PresenceStore
 from .memory import MemoryBroker
 from .sqlite import SqliteBroker
 
 __all__ = [
+    "BROKERS",
     "Broker",
     "BrokerError",
+    "BrokerOptions",
+    "BrokerURLError",
     "HistoryOptions",
     "HistoryResult",
     "MemoryBroker",
+    "PresenceStore",
     "SqliteBroker",
     "broker_from_url",
+    "register_broker",
 ]
 
 
-def broker_from_url(url: str, *, sqlite_synchronous: str = "normal") -> Broker:
+class BrokerURLError(ValueError):
+    """The broker URL names no known scheme or is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerOptions:
+    """Settings every broker factory may use."""
+
+    sqlite_synchronous: str = "normal"
+    history_cache_bytes: int = 256 << 20
+    max_history_bytes: int = 256 << 20
+
+
+BrokerFactory = Callable[[SplitResult, BrokerOptions], Broker]
+BROKERS: dict[str, BrokerFactory] = {}
+
+
+def register_broker(scheme: str, factory: BrokerFactory) -> None:
+    BROKERS[scheme] = factory
+
+
+def _memory(url: SplitResult, opts: BrokerOptions) -> Broker:
+    return MemoryBroker(max_history_bytes=opts.max_history_bytes)
+
+
+def _sqlite(url: SplitResult, opts: BrokerOptions) -> Broker:
+    path = url.path if not url.netloc else url.netloc + url.path
+    if not path:
+        raise BrokerURLError("a sqlite URL needs a path: sqlite:///path/to/tidings.db")
+    return SqliteBroker(
+        path,
+        synchronous=opts.sqlite_synchronous,
+        cache_bytes=opts.history_cache_bytes,
+        max_history_bytes=opts.max_history_bytes,
+    )
+
+
+register_broker("memory", _memory)
+register_broker("sqlite", _sqlite)
+
+
+def broker_from_url(url: str, opts: BrokerOptions | None = None) -> Broker:
     parts = urlsplit(url)
-    if parts.scheme == "memory":
-        return MemoryBroker()
-    if parts.scheme == "sqlite":
-        path = parts.path if not parts.netloc else parts.netloc + parts.path
-        if not path:
-            raise ValueError("sqlite URL needs a path: sqlite:///path/to/tidings.db")
-        return SqliteBroker(path, synchronous=sqlite_synchronous)
-    raise ValueError(f"unknown broker URL {url!r}: use memory://, sqlite:///path")
+    factory = BROKERS.get(parts.scheme.lower())
+    if factory is None:
+        known = ", ".join(f"{s}://" for s in sorted(BROKERS))
+        what = f"scheme {parts.scheme + '://'!r}" if parts.scheme else "URL without a scheme"
+        # The URL itself is not repeated: it may hold a password.
+        raise BrokerURLError(f"unknown broker {what}: this server knows {known}")
+    return factory(parts, opts or BrokerOptions())

@@ -1,40 +1,76 @@
-"""The interfaces every backend implements. Chosen by URL: memory:// or sqlite:///path."""
+"""The interfaces every backend implements: :class:`Broker` (publish, history, live delivery, interest) and
+:class:`PresenceStore` (who is in a channel). Brokers are chosen by URL scheme (``backends/__init__.py``)
+and every one passes the same contract suite (``tests/test_broker_contract.py``)."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from ..protocol import Publication, StreamPosition
+from ..protocol import Event, Publication, StreamPosition
 
 __all__ = [
     "Broker",
     "BrokerError",
-    "DeliverFn",
+    "BrokerHandler",
     "HistoryOptions",
     "HistoryResult",
+    "PresenceStore",
     "PublishDone",
     "PublishRequest",
+    "land",
     "new_epoch",
 ]
 
-DeliverFn = Callable[[Publication], object]
+
+class BrokerHandler(Protocol):
+    """Where a broker hands what it delivers (the node's hub), always on the event loop and never inside
+    the call that published it."""
+
+    def deliver(self, pub: Publication) -> object: ...
+
+    def deliver_event(self, event: Event) -> None: ...
 
 
 @dataclass(slots=True)
 class PublishRequest:
-    """One publication to make; ``encoded`` is ``data`` already JSON-encoded."""
+    """One publication to make, already checked by the policy gate: ``raw`` and ``raw_info`` are ``data``
+    and ``info`` as JSON bytes (a broker stores and sends them as they are, never encoding again)."""
 
     channel: str
-    data: Any
+    raw: bytes
     opts: HistoryOptions
-    info: dict[str, Any] | None
-    encoded: bytes
+    raw_info: bytes | None = None
 
 
 PublishDone = Callable[["list[Publication] | BrokerError"], None]
+log = logging.getLogger("tidings.broker")
+
+
+def land(
+    handler: BrokerHandler,
+    result: list[Publication] | BrokerError,
+    done: PublishDone,
+    before: Callable[[Publication], None] | None = None,
+) -> None:
+    """Hand a committed group to the loop's side: ``before(pub)`` (a cache), ``handler.deliver(pub)``
+    for each publication in order, then ``done(result)``. Failure-isolated: an error in one step is
+    logged and the rest still runs, so one bad item never leaves a group unacknowledged."""
+    if not isinstance(result, BrokerError):
+        for pub in result:
+            try:
+                if before is not None:
+                    before(pub)
+                handler.deliver(pub)
+            except Exception:
+                log.exception("delivering %s offset %d failed", pub.channel, pub.offset)
+    try:
+        done(result)
+    except Exception:
+        log.exception("a publish callback failed")
 
 
 class BrokerError(Exception):
@@ -66,9 +102,9 @@ class HistoryResult:
 
 class Broker(Protocol):
     """Pub/sub plus history. A publish and its history append are atomic per channel, and publications of
-    one channel reach ``deliver`` in offset order."""
+    one channel reach ``handler.deliver`` in offset order, on the loop, after ``publish_many`` returned."""
 
-    async def start(self, deliver: DeliverFn) -> None: ...
+    async def start(self, handler: BrokerHandler) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -81,5 +117,26 @@ class Broker(Protocol):
         self, channel: str, opts: HistoryOptions, *, since: int | None = None, limit: int | None = None
     ) -> HistoryResult:
         """With ``since``: publications after that offset, oldest first, at most ``limit``.
-        Without: the newest ``limit`` (all retained when None), oldest first."""
+        Without: the newest ``limit`` (all retained when None), oldest first. A read never writes: a
+        channel nobody published to reads as empty at offset 0 and leaves nothing behind."""
+        ...
+
+    def publish_event(self, event: Event) -> None:
+        """Hand a join/leave event to every node's subscribers of its channel (not stored)."""
+        ...
+
+    def interest(self, channel: str, on: bool) -> None:
+        """This node got its first local subscriber of ``channel`` (``on``) or lost its last one."""
+        ...
+
+
+class PresenceStore(Protocol):
+    """Who is subscribed to a channel, over every node. ``add``/``remove`` never block; reads may."""
+
+    def add(self, channel: str, client: str, user: str) -> None: ...
+
+    def remove(self, channel: str, client: str) -> None: ...
+
+    async def clients(self, channel: str) -> list[dict[str, str]]:
+        """``[{"client", "user"}]`` in the order they joined."""
         ...

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ..protocol import Publication, new_publication_id
-from .base import DeliverFn, HistoryOptions, HistoryResult, PublishDone, PublishRequest, new_epoch
-from .stream import Stream, now_ms
+from ..protocol import Event, Publication, new_publication_id
+from .base import BrokerHandler, HistoryOptions, HistoryResult, PublishDone, PublishRequest, land, new_epoch
+from .stream import Stream, StreamSet, empty_result, now_ms
 
 __all__ = ["MemoryBroker"]
 
@@ -16,47 +16,67 @@ STREAM_IDLE_TTL = 3600.0
 
 
 class MemoryBroker:
-    def __init__(self) -> None:
-        self._streams: dict[str, Stream] = {}
-        self._deliver: DeliverFn | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+    """History lives in :class:`Stream` objects, bounded in count per channel and in bytes over all
+    channels (``max_history_bytes``: the channels published to least recently lose their history first).
+    Publications are delivered on the loop after ``publish_many`` returns (never inside the caller)."""
 
-    async def start(self, deliver: DeliverFn) -> None:
-        self._deliver = deliver
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+    def __init__(self, *, max_history_bytes: int = 256 << 20) -> None:
+        self._streams = StreamSet(max_history_bytes)
+        self._handler: BrokerHandler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        # The epoch of channels nobody published to yet, and the one they start in when they are: so a
+        # position read before the first publish stays valid after it.
+        self._empty_epoch = new_epoch()
+
+    async def start(self, handler: BrokerHandler) -> None:
+        self._handler = handler
+        self._loop = asyncio.get_running_loop()
+        self._sweeper = self._loop.create_task(self._sweep())
 
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
 
-    def _stream(self, channel: str) -> Stream:
-        s = self._streams.get(channel)
-        if s is None:
-            s = self._streams[channel] = Stream(new_epoch())
-        return s
-
     def publish_many(self, reqs: list[PublishRequest], done: PublishDone) -> None:
-        assert self._deliver is not None, "broker not started"
+        assert self._loop is not None, "broker not started"
         pubs = []
+        t = now_ms()
         for r in reqs:
-            s = self._stream(r.channel)
-            pub = Publication(r.channel, s.top + 1, s.epoch, new_publication_id(), now_ms(), r.data, r.info)
-            s.append(pub, r.opts)
-            self._deliver(pub)
+            s = self._streams.get(r.channel)
+            if s is None:
+                s = self._streams.put(r.channel, Stream(self._empty_epoch))
+            pub = Publication(
+                r.channel, s.top + 1, s.epoch, new_publication_id(), t, raw=r.raw, raw_info=r.raw_info
+            )
+            self._streams.append(s, pub, r.opts)
             pubs.append(pub)
-        done(pubs)
+        self._loop.call_soon(self._land, pubs, done)
+
+    def _land(self, pubs: list[Publication], done: PublishDone) -> None:
+        assert self._handler is not None
+        land(self._handler, pubs, done)
 
     async def history(
         self, channel: str, opts: HistoryOptions, *, since: int | None = None, limit: int | None = None
     ) -> HistoryResult:
-        return self._stream(channel).read(opts, since, limit)
+        s = self._streams.get(channel)
+        if s is None:
+            return empty_result(self._empty_epoch)
+        return self._streams.read(s, opts, since, limit)
+
+    def publish_event(self, event: Event) -> None:
+        assert self._loop is not None and self._handler is not None, "broker not started"
+        self._loop.call_soon(self._handler.deliver_event, event)
+
+    def interest(self, channel: str, on: bool) -> None:
+        return None  # one node: every publication is delivered here anyway
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(60)
-            cutoff = time.monotonic() - STREAM_IDLE_TTL
-            for s in self._streams.values():
-                s.prune(s.ttl)
-            for ch in [ch for ch, s in self._streams.items() if s.touched < cutoff and not s.pubs]:
-                del self._streams[ch]
+            self._streams.prune_all()
+            if self._streams.forget_idle(time.monotonic() - STREAM_IDLE_TTL):
+                # A forgotten channel that had publications starts again from offset 1: in a new epoch.
+                self._empty_epoch = new_epoch()

@@ -13,29 +13,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from ..protocol import Publication, new_publication_id
+from ..protocol import Event, Publication, new_publication_id
 from .base import (
     BrokerError,
-    DeliverFn,
+    BrokerHandler,
     HistoryOptions,
     HistoryResult,
     PublishDone,
     PublishRequest,
+    land,
     new_epoch,
 )
-from .stream import Stream, now_ms
+from .stream import Stream, StreamSet, now_ms
 
 __all__ = ["SqliteBroker"]
 
@@ -84,29 +83,49 @@ class _Stop:
     pass
 
 
-_Item = _Pubs | _Load | _Stop
+@dataclass(slots=True)
+class _Trimmed:
+    """Channels whose history the writer dropped to keep the disk bound (the cache forgets them)."""
+
+    channels: list[str]
+
+
+_Item = _Pubs | _Load | _Stop | _Trimmed
+# What one stored row costs, counted against max_history_bytes: the payloads and a fixed overhead.
+_ROW_BYTES = "length(data) + COALESCE(length(info), 0) + length(channel) + 64"
 
 
 class SqliteBroker:
     def __init__(
-        self, path: str | Path, *, synchronous: str = "normal", cache_channels: int = 10_000
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "normal",
+        cache_channels: int = 10_000,
+        cache_bytes: int = 256 << 20,
+        max_history_bytes: int = 0,
     ) -> None:
         self.path = Path(path)
         self.synchronous = synchronous.upper()
         if self.synchronous not in ("NORMAL", "FULL", "EXTRA"):
             raise ValueError("sqlite synchronous must be normal, full or extra")
-        self._cache: OrderedDict[str, Stream] = OrderedDict()
-        self._cache_max = cache_channels
+        # Recent publications of recently used channels, bounded in bytes and in channels.
+        self._cache = StreamSet(cache_bytes, drop=True, max_streams=cache_channels)
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._deliver: DeliverFn | None = None
+        self._handler: BrokerHandler | None = None
+        # The epoch of channels nobody published to yet, and the one they start in when they are.
+        self._empty_epoch = new_epoch()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._loading: dict[str, asyncio.Future[Stream]] = {}
+        # Bytes of history on disk (payloads plus a fixed overhead per row); 0 = unbounded.
+        self.max_history_bytes = max_history_bytes
+        self.disk_bytes = 0
 
     # ------------------------------------------------------------------------------ lifecycle
 
-    async def start(self, deliver: DeliverFn) -> None:
-        self._deliver = deliver
+    async def start(self, handler: BrokerHandler) -> None:
+        self._handler = handler
         self._loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         ready: asyncio.Future[None] = self._loop.create_future()
@@ -134,9 +153,14 @@ class SqliteBroker:
         stream = self._cache.get(channel)
         if stream is None:
             stream = await self._load(channel, opts)
-        else:
-            self._cache.move_to_end(channel)
-        return stream.read(opts, since, limit)
+        return self._cache.read(stream, opts, since, limit)
+
+    def publish_event(self, event: Event) -> None:
+        assert self._loop is not None and self._handler is not None, "broker not started"
+        self._loop.call_soon(self._handler.deliver_event, event)
+
+    def interest(self, channel: str, on: bool) -> None:
+        return None  # one node: every publication is delivered here anyway
 
     async def _load(self, channel: str, opts: HistoryOptions) -> Stream:
         fut = self._loading.get(channel)
@@ -157,28 +181,25 @@ class SqliteBroker:
                     if not item.future.done():
                         item.future.set_exception(result)
                     continue
-                self._cache[item.channel] = result
-                self._cache.move_to_end(item.channel)
-                while len(self._cache) > self._cache_max:
-                    self._cache.popitem(last=False)
+                self._cache.put(item.channel, result)
                 if not item.future.done():
                     item.future.set_result(result)
+            elif isinstance(item, _Trimmed):
+                for ch in item.channels:
+                    self._cache.discard(ch)
             elif isinstance(item, _Pubs):
-                if not isinstance(result, BaseException):
-                    for pub, req in zip(result, item.reqs, strict=True):
-                        self._land(pub, req.opts)
-                item.done(result)
+                assert self._handler is not None
+                opts = {r.channel: r.opts for r in item.reqs}
+                land(self._handler, result, item.done, functools.partial(self._cache_pub, opts))
 
-    def _land(self, pub: Publication, opts: HistoryOptions) -> None:
-        """A committed publication: into the read cache (if the channel is cached), then fan-out."""
+    def _cache_pub(self, opts: dict[str, HistoryOptions], pub: Publication) -> None:
+        """A committed publication into the read cache (if the channel is cached), before its fan-out."""
         cached = self._cache.get(pub.channel)
         if cached is not None:
             if cached.epoch == pub.epoch and cached.top == pub.offset - 1:
-                cached.append(pub, opts)
+                self._cache.append(cached, pub, opts[pub.channel])
             else:  # cannot happen with one writer; never serve a stale cache
-                del self._cache[pub.channel]
-        assert self._deliver is not None
-        self._deliver(pub)
+                self._cache.discard(pub.channel)
 
     # ------------------------------------------------------------------------------ writer thread
 
@@ -198,6 +219,12 @@ class SqliteBroker:
         except Exception as exc:  # reported to start()
             loop.call_soon_threadsafe(ready.set_exception, BrokerError(f"cannot open {self.path}: {exc}"))
             return
+        try:
+            self.disk_bytes = db.execute(f"SELECT COALESCE(SUM({_ROW_BYTES}), 0) FROM pubs").fetchone()[0]
+        except sqlite3.Error as exc:
+            loop.call_soon_threadsafe(ready.set_exception, BrokerError(f"cannot read {self.path}: {exc}"))
+            db.close()
+            return
         loop.call_soon_threadsafe(ready.set_result, None)
         meta: dict[str, tuple[str, int]] = {}  # channel -> (epoch, top), the writer's view
         last_sweep = time.monotonic()
@@ -213,9 +240,12 @@ class SqliteBroker:
                     except queue.Empty:
                         break
                 stop = any(isinstance(i, _Stop) for i in items)
-                work: list[_Pubs | _Load] = [i for i in items if not isinstance(i, _Stop)]
+                work = [i for i in items if isinstance(i, _Pubs | _Load)]
                 if work:
                     results = self._process(db, meta, work)
+                    if self.max_history_bytes and self.disk_bytes > self.max_history_bytes:
+                        trimmed = _Trimmed(self._trim_disk(db))
+                        results.append((trimmed, None))
                     loop.call_soon_threadsafe(self._on_batch, results)
                 if time.monotonic() - last_sweep > SWEEP_INTERVAL:
                     last_sweep = time.monotonic()
@@ -232,7 +262,7 @@ class SqliteBroker:
         if m is None:
             row = db.execute("SELECT epoch, top FROM streams WHERE channel=?", (ch,)).fetchone()
             if row is None:
-                m = (new_epoch(), 0)
+                m = (self._empty_epoch, 0)  # the epoch it read as before its first publish
                 db.execute(
                     "INSERT INTO streams(channel, epoch, top, updated) VALUES (?,?,?,?)",
                     (ch, m[0], 0, now_ms()),
@@ -261,21 +291,21 @@ class SqliteBroker:
 
         trims: dict[str, tuple[int, int]] = {}
         t = now_ms()
+        added = [0]  # bytes stored by this batch, net of what its trims deleted
 
         def touch(channel: str) -> None:
             if channel not in touched:
                 touched[channel] = meta.get(channel)
 
-        def add(
-            channel: str, data: Any, info: dict[str, Any] | None, opts: HistoryOptions, blob: bytes
-        ) -> Publication:
+        def add(r: PublishRequest) -> Publication:
+            channel, opts = r.channel, r.opts
             touch(channel)
             epoch, top = self._stream_meta(db, meta, channel)
             top += 1
-            pub = Publication(channel, top, epoch, new_publication_id(), t, data, info)
+            pub = Publication(channel, top, epoch, new_publication_id(), t, raw=r.raw, raw_info=r.raw_info)
             if opts.size > 0:
-                row_info = orjson.dumps(info) if info is not None else None
-                rows.append((channel, top, pub.id, t, t + int(opts.ttl * 1000), blob, row_info))
+                rows.append((channel, top, pub.id, t, t + int(opts.ttl * 1000), r.raw, r.raw_info))
+                added[0] += len(r.raw) + len(r.raw_info or b"") + len(channel) + 64
             meta[channel] = (epoch, top)
             trims[channel] = (top, opts.size)
             return pub
@@ -288,13 +318,18 @@ class SqliteBroker:
                     touch(item.channel)
                     results.append((item, self._load_stream(db, meta, item)))
                 else:
-                    pubs = [add(r.channel, r.data, r.info, r.opts, r.encoded) for r in item.reqs]
+                    pubs = [add(r) for r in item.reqs]
                     results.append((item, pubs))
             insert_rows()
             for ch, (top, size) in trims.items():
                 db.execute("UPDATE streams SET top=?, updated=? WHERE channel=?", (top, t, ch))
-                db.execute("DELETE FROM pubs WHERE channel=? AND offset<=?", (ch, top - max(size, 0)))
+                gone = db.execute(
+                    f"DELETE FROM pubs WHERE channel=? AND offset<=? RETURNING {_ROW_BYTES}",
+                    (ch, top - max(size, 0)),
+                ).fetchall()
+                added[0] -= sum(g[0] for g in gone)
             db.execute("COMMIT")
+            self.disk_bytes += added[0]
         except Exception as exc:
             log.exception("sqlite write failed")
             with contextlib.suppress(sqlite3.Error):
@@ -309,8 +344,15 @@ class SqliteBroker:
         return results
 
     def _load_stream(self, db: sqlite3.Connection, meta: dict[str, tuple[str, int]], item: _Load) -> Stream:
-        """A channel's retained publications from the database, for the read cache."""
-        epoch, top = self._stream_meta(db, meta, item.channel)
+        """A channel's retained publications from the database, for the read cache. A channel nobody
+        published to reads as empty in the broker's empty epoch, and nothing is written for it."""
+        known = meta.get(item.channel)
+        if known is None:
+            row = db.execute("SELECT epoch, top FROM streams WHERE channel=?", (item.channel,)).fetchone()
+            if row is None:
+                return Stream(self._empty_epoch, 0)
+            known = (row[0], row[1])
+        epoch, top = known
         rows = db.execute(
             "SELECT offset, id, time, data, info FROM pubs WHERE channel=? AND expires>? "
             "ORDER BY offset DESC LIMIT ?",
@@ -322,9 +364,7 @@ class SqliteBroker:
         for o, i, t, d, nf in rows:
             if o != expect:
                 break
-            keep.append(
-                Publication(item.channel, o, epoch, i, t, orjson.loads(d), orjson.loads(nf) if nf else None)
-            )
+            keep.append(Publication(item.channel, o, epoch, i, t, raw=d, raw_info=nf))
             expect -= 1
         keep.reverse()
         stream = Stream(epoch, top, keep)
@@ -333,6 +373,35 @@ class SqliteBroker:
 
     def _expire(self, db: sqlite3.Connection) -> None:
         try:
-            db.execute("DELETE FROM pubs WHERE expires<=?", (now_ms(),))
+            gone = db.execute(f"DELETE FROM pubs WHERE expires<=? RETURNING {_ROW_BYTES}", (now_ms(),))
+            self.disk_bytes -= sum(g[0] for g in gone.fetchall())
         except sqlite3.Error:
             log.exception("sqlite expiry sweep failed")
+
+    def _trim_disk(self, db: sqlite3.Connection) -> list[str]:
+        """Over ``max_history_bytes``: drop the history of the channels published to least recently, one
+        channel at a time, until 90 % of the bound is left. Their epoch and top stay, so a client that
+        needed what was dropped is told ``recovered: false``."""
+        target = self.max_history_bytes * 9 // 10
+        trimmed: list[str] = []
+        try:
+            while self.disk_bytes > target:
+                row = db.execute(
+                    "SELECT s.channel FROM streams s WHERE EXISTS "
+                    "(SELECT 1 FROM pubs p WHERE p.channel = s.channel) ORDER BY s.updated LIMIT 1"
+                ).fetchone()
+                if row is None:
+                    break
+                gone = db.execute(f"DELETE FROM pubs WHERE channel=? RETURNING {_ROW_BYTES}", (row[0],))
+                self.disk_bytes -= sum(g[0] for g in gone.fetchall())
+                trimmed.append(row[0])
+        except sqlite3.Error:
+            log.exception("sqlite history trim failed")
+        if trimmed:
+            log.warning(
+                "history over max_history_bytes (%d): dropped the history of %d least recently used "
+                "channel(s)",
+                self.max_history_bytes,
+                len(trimmed),
+            )
+        return trimmed

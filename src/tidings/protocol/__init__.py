@@ -4,9 +4,12 @@ from .channels import MAX_CHANNEL_BYTES, is_valid_channel, namespace_of
 from .codes import CLOSE_REASONS, HTTP_STATUS, CloseCode, ErrorCode
 from .frames import deflate_payload, text_frame
 from .messages import (
+    MAX_DEPTH,
     PROTOCOL_VERSION,
     Command,
     ConnectCmd,
+    Event,
+    Format,
     HistoryCmd,
     PingCmd,
     PresenceCmd,
@@ -20,20 +23,26 @@ from .messages import (
     disconnect_push,
     encode_error,
     encode_ok,
+    encode_value,
+    encoded,
     new_publication_id,
     parse_command,
     parse_position,
+    unsubscribe_push,
 )
 
 __all__ = [
     "CLOSE_REASONS",
     "HTTP_STATUS",
     "MAX_CHANNEL_BYTES",
+    "MAX_DEPTH",
     "PROTOCOL_VERSION",
     "CloseCode",
     "Command",
     "ConnectCmd",
     "ErrorCode",
+    "Event",
+    "Format",
     "HistoryCmd",
     "PingCmd",
     "PresenceCmd",
@@ -48,10 +57,13 @@ __all__ = [
     "disconnect_push",
     "encode_error",
     "encode_ok",
+    "encode_value",
+    "encoded",
     "is_valid_channel",
     "namespace_of",
     "new_publication_id",
     "parse_command",
     "parse_position",
     "text_frame",
+    "unsubscribe_push",
 ]

@@ -6,6 +6,7 @@ Sans-I/O: text in, objects out; objects in, bytes out. The server and the Python
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +16,12 @@ from .channels import is_valid_channel
 from .codes import ErrorCode
 
 __all__ = [
+    "MAX_DEPTH",
     "PROTOCOL_VERSION",
     "Command",
     "ConnectCmd",
+    "Event",
+    "Format",
     "HistoryCmd",
     "PingCmd",
     "PresenceCmd",
@@ -31,9 +35,12 @@ __all__ = [
     "disconnect_push",
     "encode_error",
     "encode_ok",
+    "encode_value",
+    "encoded",
     "new_publication_id",
     "parse_command",
     "parse_position",
+    "unsubscribe_push",
 ]
 
 PROTOCOL_VERSION = 1
@@ -71,23 +78,120 @@ class StreamPosition:
         return {"offset": self.offset, "epoch": self.epoch}
 
 
-@dataclass(slots=True)
-class Publication:
-    """One message in a channel. ``offset`` grows by 1 per channel; ``time`` is Unix milliseconds."""
+MAX_DEPTH = 128
+"""Levels of nesting allowed in ``data`` and ``info``. orjson reads 1,024 levels but writes only 254, and
+a publication is written inside other objects (a push, a history reply): deeper values are refused at the
+door so that every later encode of them succeeds."""
 
-    channel: str
-    offset: int
-    epoch: str
-    id: str
-    time: int
-    data: Any
-    info: dict[str, Any] | None = None
-    # The WebSocket frame of this publication's push, built on first use and shared by every receiver
-    # (live fan-out and replays alike).
-    frame_cache: bytes | None = field(default=None, repr=False, compare=False)
-    zframe_cache: bytes | None = field(default=None, repr=False, compare=False)  # permessage-deflate
+_WRAP = 254 - MAX_DEPTH  # orjson fails above 254 levels: the wrapper leaves exactly MAX_DEPTH for the value
+_chain: list[Any] = [None]
+_leaf = _chain
+for _ in range(_WRAP - 1):
+    _chain = [_chain]
+
+
+def encode_value(value: Any, what: str, rid: int | str | None = None) -> bytes:
+    """``value`` as JSON bytes, or ProtocolError(bad_request) when it is nested deeper than MAX_DEPTH.
+
+    A value that deep has more than MAX_DEPTH brackets, so most values are settled by the plain encode and
+    a count; the others are encoded once more inside a fixed chain of lists, which orjson refuses exactly
+    when the value is too deep."""
+    try:
+        out = orjson.dumps(value)
+    except TypeError:
+        raise _too_deep(what, rid) from None
+    if len(out) > 2 * MAX_DEPTH and out.count(b"[") + out.count(b"{") > MAX_DEPTH:
+        _leaf[0] = value
+        try:
+            orjson.dumps(_chain)
+        except TypeError:
+            raise _too_deep(what, rid) from None
+        finally:
+            _leaf[0] = None
+    return out
+
+
+def _too_deep(what: str, rid: int | str | None) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, f"{what} is nested more than {MAX_DEPTH} levels deep", rid)
+
+
+_UNSET: Any = object()
+
+Format = Callable[["Publication | Event"], "bytes | None"]
+"""A wire format: the bytes one kind of sink sends for a publication or event (None: it sends nothing)."""
+
+
+class Publication:
+    """One message in a channel. ``offset`` grows by 1 per channel; ``time`` is Unix milliseconds.
+
+    On the server a publication holds its ``data`` and ``info`` as encoded JSON bytes (``raw``,
+    ``raw_info``): encoded once at the door, stored and sent as they are, decoded only when something
+    needs the value (``data``/``info`` decode on every access). The Python client builds publications
+    from decoded values instead. ``cache`` holds the bytes of each wire format (see :func:`encoded`).
+    """
+
+    __slots__ = ("_data", "_info", "_raw", "_raw_info", "cache", "channel", "epoch", "id", "offset", "time")
+
+    def __init__(
+        self,
+        channel: str,
+        offset: int,
+        epoch: str,
+        id: str,
+        time: int,
+        data: Any = _UNSET,
+        info: dict[str, Any] | None = None,
+        *,
+        raw: bytes | None = None,
+        raw_info: bytes | None = None,
+    ) -> None:
+        if raw is None and data is _UNSET:
+            raise TypeError("a Publication needs data or raw")
+        self.channel = channel
+        self.offset = offset
+        self.epoch = epoch
+        self.id = id
+        self.time = time
+        self._data = data
+        self._raw = raw
+        self._info = info
+        self._raw_info = raw_info
+        self.cache: dict[Format, bytes | None] | None = None
+
+    @property
+    def data(self) -> Any:
+        return self._data if self._data is not _UNSET else orjson.loads(self._raw)  # type: ignore[arg-type]
+
+    @property
+    def raw(self) -> bytes:
+        """``data`` as JSON bytes."""
+        if self._raw is None:
+            self._raw = orjson.dumps(self._data)
+        return self._raw
+
+    @property
+    def info(self) -> dict[str, Any] | None:
+        if self._info is not None or self._raw_info is None:
+            return self._info
+        info: dict[str, Any] = orjson.loads(self._raw_info)
+        return info
+
+    @property
+    def raw_info(self) -> bytes | None:
+        if self._raw_info is None and self._info is not None:
+            self._raw_info = orjson.dumps(self._info)
+        return self._raw_info
+
+    @property
+    def size(self) -> int:
+        """Bytes this publication holds in a history cache (payloads and a fixed overhead)."""
+        return len(self.raw) + len(self.raw_info or b"") + len(self.channel) + 200
+
+    def position(self) -> StreamPosition:
+        return StreamPosition(self.offset, self.epoch)
 
     def to_json(self) -> dict[str, Any]:
+        """The publication as a JSON object of decoded values."""
         out: dict[str, Any] = {
             "channel": self.channel,
             "offset": self.offset,
@@ -96,13 +200,40 @@ class Publication:
             "time": self.time,
             "data": self.data,
         }
-        if self.info is not None:
-            out["info"] = self.info
+        info = self.info
+        if info is not None:
+            out["info"] = info
+        return out
+
+    def wire_json(self) -> dict[str, Any]:
+        """Like :meth:`to_json`, with ``data`` and ``info`` as their stored bytes (for ``orjson.dumps``):
+        nothing is decoded or encoded again."""
+        out: dict[str, Any] = {
+            "channel": self.channel,
+            "offset": self.offset,
+            "epoch": self.epoch,
+            "id": self.id,
+            "time": self.time,
+            "data": orjson.Fragment(self.raw),
+        }
+        raw_info = self.raw_info
+        if raw_info is not None:
+            out["info"] = orjson.Fragment(raw_info)
         return out
 
     def push_bytes(self) -> bytes:
-        """The ``message`` push for this publication, encoded once for every subscriber."""
-        return orjson.dumps({"type": "message", **self.to_json()})
+        """The ``message`` push for this publication."""
+        return orjson.dumps({"type": "message", **self.wire_json()})
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Publication):
+            return NotImplemented
+        return self.to_json() == other.to_json()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Publication({self.channel!r}, offset={self.offset}, epoch={self.epoch!r}, id={self.id!r})"
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Publication:
@@ -115,6 +246,37 @@ class Publication:
             data=obj.get("data"),
             info=obj.get("info"),
         )
+
+
+class Event:
+    """A push to a channel's subscribers that is not a publication: ``join`` or ``leave``."""
+
+    __slots__ = ("cache", "channel", "client", "kind", "user")
+
+    def __init__(self, kind: str, channel: str, client: str, user: str) -> None:
+        self.kind = kind
+        self.channel = channel
+        self.client = client
+        self.user = user
+        self.cache: dict[Format, bytes | None] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.kind, "channel": self.channel, "client": self.client, "user": self.user}
+
+    def push_bytes(self) -> bytes:
+        return orjson.dumps(self.to_json())
+
+
+def encoded(item: Publication | Event, fmt: Format) -> bytes | None:
+    """``fmt(item)``, built by the first sink of that format that needs it and reused by every other."""
+    cache = item.cache
+    if cache is None:
+        cache = item.cache = {}
+    try:
+        return cache[fmt]
+    except KeyError:
+        out = cache[fmt] = fmt(item)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -273,6 +435,20 @@ def encode_ok(rid: int | str | None, result: dict[str, Any] | None = None) -> by
 
 def encode_error(rid: int | str | None, code: ErrorCode, message: str) -> bytes:
     return orjson.dumps({"id": rid, "ok": False, "error": {"code": str(code), "message": message}})
+
+
+def unsubscribe_push(channel: str, code: ErrorCode, reason: str, resubscribe: bool) -> bytes:
+    """The server ended a subscription (its rights expired or were withdrawn); ``resubscribe``: a client
+    may subscribe again (with a fresh token)."""
+    return orjson.dumps(
+        {
+            "type": "unsubscribe",
+            "channel": channel,
+            "code": str(code),
+            "reason": reason,
+            "resubscribe": resubscribe,
+        }
+    )
 
 
 def disconnect_push(code: int, reason: str, reconnect: bool) -> bytes:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..auth import find_api_key
+from ..auth import Identity, find_api_key
 from ..backends.base import BrokerError, PublishRequest
 from ..limits import client_ip
 from ..node import NODE, Node
-from ..presence import presence
 from ..protocol import HTTP_STATUS, ErrorCode, ProtocolError, Publication, StreamPosition
 from ..protocol.messages import MAX_HISTORY_LIMIT
 
@@ -21,6 +20,7 @@ __all__ = ["ApiError", "api_routes", "error_middleware"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BATCH = 1000  # channels in a broadcast, publications in a batch
+log = logging.getLogger("tidings.api")
 
 
 class ApiError(Exception):
@@ -73,14 +73,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             exc.status, ErrorCode.INTERNAL if exc.status >= 500 else ErrorCode.BAD_REQUEST
         )
         return error_response(code, exc.reason, exc.status)
+    except Exception:
+        if not request.path.startswith("/api/"):
+            raise
+        log.exception("API request failed: %s %s", request.method, request.path)
+        return error_response(ErrorCode.INTERNAL, "internal error")
 
 
 def _node(request: web.Request) -> Node:
     return request.app[NODE]
 
 
-def _check_key(request: web.Request, role: str) -> None:
-    """Bearer API key with ``role`` (or admin). Addresses that keep failing get 429 for a while."""
+def _check_key(request: web.Request, role: str) -> Identity:
+    """The backend holding a bearer API key with ``role`` (or admin), as the policy gate's identity.
+    Addresses that keep failing get 429 for a while."""
     node = _node(request)
     ip = client_ip(request, node.trusted_proxies)
     wait = node.auth_failures.blocked_for(ip)
@@ -98,6 +104,7 @@ def _check_key(request: web.Request, role: str) -> None:
         raise ApiError(ErrorCode.UNAUTHORIZED, "send Authorization: Bearer <a valid API key>")
     if not key.may(role):
         raise ApiError(ErrorCode.PERMISSION_DENIED, f"API key {key.name!r} may not {role}")
+    return Identity(api_key=key)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -115,7 +122,8 @@ def _pub_result(pub: Publication) -> dict[str, Any]:
     return {"offset": pub.offset, "epoch": pub.epoch, "id": pub.id}
 
 
-def _info(body: dict[str, Any]) -> dict[str, Any] | None:
+def _info(body: dict[str, Any]) -> Any:
+    """A request-level ``info`` of the wrong type fails the whole request (400), not each entry."""
     info = body.get("info")
     if info is not None and not isinstance(info, dict):
         raise ApiError(ErrorCode.INVALID_FIELD, "info must be an object")
@@ -123,20 +131,18 @@ def _info(body: dict[str, Any]) -> dict[str, Any] | None:
 
 
 async def publish(request: web.Request) -> web.Response:
-    _check_key(request, "publish")
+    identity = _check_key(request, "publish")
     body = await _json_body(request)
     if "data" not in body:
         raise ApiError(ErrorCode.INVALID_FIELD, "data is required")
-    channel = body.get("channel")
     node = _node(request)
-    ns = node.namespace(channel)
-    assert isinstance(channel, str)
-    pub = await node.publish(channel, body["data"], ns, _info(body))
+    req = node.policy.publication(identity, body.get("channel"), body["data"], info=body.get("info"))
+    [pub] = await node.publish([req])
     return json_response(_pub_result(pub))
 
 
 async def _publish_many(
-    node: Node, items: list[tuple[Any, Any, dict[str, Any] | None]]
+    node: Node, identity: Identity, items: list[tuple[Any, Any, Any]]
 ) -> list[dict[str, Any]]:
     """Publish (channel, data, info) items as one group (one queue item, one transaction); one result
     per item, in order: the publication's position, or the error for that item alone."""
@@ -149,16 +155,18 @@ async def _publish_many(
     slots: list[int] = []  # where each request's result goes
     for ch, data, info in items:
         try:
-            reqs.append(node.publish_request(ch, data, node.namespace(ch), info))
+            reqs.append(node.policy.publication(identity, ch, data, info=info))
         except ProtocolError as exc:
             results.append(error(ch, exc.code, exc.message))
             continue
         slots.append(len(results))
         results.append({})
     if reqs:
-        done: asyncio.Future[list[Publication] | BrokerError] = asyncio.get_running_loop().create_future()
-        node.broker.publish_many(reqs, done.set_result)
-        outcome = await done
+        outcome: list[Publication] | BrokerError
+        try:
+            outcome = await node.publish(reqs)
+        except BrokerError as exc:
+            outcome = exc
         for i, (slot, req) in enumerate(zip(slots, reqs, strict=True)):
             if isinstance(outcome, BrokerError):
                 results[slot] = error(req.channel, ErrorCode.UNAVAILABLE, str(outcome))
@@ -168,7 +176,7 @@ async def _publish_many(
 
 
 async def broadcast(request: web.Request) -> web.Response:
-    _check_key(request, "publish")
+    identity = _check_key(request, "publish")
     body = await _json_body(request)
     channels = body.get("channels")
     if not isinstance(channels, list) or not channels or len(channels) > MAX_BATCH:
@@ -176,25 +184,25 @@ async def broadcast(request: web.Request) -> web.Response:
     if "data" not in body:
         raise ApiError(ErrorCode.INVALID_FIELD, "data is required")
     info = _info(body)
-    results = await _publish_many(_node(request), [(ch, body["data"], info) for ch in channels])
+    results = await _publish_many(_node(request), identity, [(ch, body["data"], info) for ch in channels])
     return json_response({"results": results})
 
 
 async def batch(request: web.Request) -> web.Response:
     """Many publications in one request: ``{"publications": [{"channel", "data", "info"?}, ...]}``."""
-    _check_key(request, "publish")
+    identity = _check_key(request, "publish")
     body = await _json_body(request)
     pubs = body.get("publications")
     if not isinstance(pubs, list) or not pubs or len(pubs) > MAX_BATCH:
         raise ApiError(ErrorCode.INVALID_FIELD, f"publications must be a list of 1 to {MAX_BATCH} objects")
-    items: list[tuple[Any, Any, dict[str, Any] | None]] = []
+    items: list[tuple[Any, Any, Any]] = []
     for i, p in enumerate(pubs):
         if not isinstance(p, dict) or "data" not in p:
             raise ApiError(
                 ErrorCode.INVALID_FIELD, f"publications[{i}] must be an object with channel and data"
             )
         items.append((p.get("channel"), p["data"], _info(p)))
-    return json_response({"results": await _publish_many(_node(request), items)})
+    return json_response({"results": await _publish_many(_node(request), identity, items)})
 
 
 def _int_param(request: web.Request, name: str, lo: int, hi: int) -> int | None:
@@ -211,10 +219,10 @@ def _int_param(request: web.Request, name: str, lo: int, hi: int) -> int | None:
 
 
 async def history(request: web.Request) -> web.Response:
-    _check_key(request, "read")
+    identity = _check_key(request, "read")
     channel = request.match_info["channel"]
     node = _node(request)
-    ns = node.namespace(channel)
+    ns = node.policy.authorize(identity, channel, "history")
     limit = _int_param(request, "limit", 1, MAX_HISTORY_LIMIT)
     since_off = _int_param(request, "since", 0, 2**63 - 1)
     epoch = request.query.get("epoch") or None  # an empty value counts as absent
@@ -225,21 +233,24 @@ async def history(request: web.Request) -> web.Response:
         if epoch is None:  # no epoch given: the offset is taken in the channel's current epoch
             epoch = (await node.broker.history(channel, ns.history, limit=0)).position.epoch
         since = StreamPosition(since_off, epoch)
-    res, recovered = await node.history(channel, ns, since, limit)
-    out: dict[str, Any] = {"publications": [p.to_json() for p in res.publications], **res.position.to_json()}
+    res, recovered = await node.subscriptions.history(channel, ns, since, limit)
+    out: dict[str, Any] = {
+        "publications": [p.wire_json() for p in res.publications],
+        **res.position.to_json(),
+    }
     if recovered is not None:
         out["recovered"] = recovered
     return json_response(out)
 
 
 async def presence_api(request: web.Request) -> web.Response:
-    _check_key(request, "read")
+    identity = _check_key(request, "read")
     channel = request.match_info["channel"]
     node = _node(request)
-    ns = node.namespace(channel)
+    ns = node.policy.authorize(identity, channel, "presence")
     if not ns.presence:
         raise ApiError(ErrorCode.NOT_AVAILABLE, f"presence is off in namespace {ns.name!r}")
-    clients = presence(node.hub, channel)
+    clients = await node.presence.clients(channel)
     return json_response({"clients": clients, "count": len(clients)})
 
 

@@ -21,8 +21,10 @@ import jinja2
 from aiohttp import web
 
 from ..backends.base import BrokerError
+from ..limits import client_ip
 from ..node import NODE, Node
-from ..protocol import ErrorCode, ProtocolError
+from ..policy import Session
+from ..protocol import HTTP_STATUS, ProtocolError
 from .origin import check_origin, log_refusal, request_scheme
 from .seed import chat_body
 
@@ -150,11 +152,30 @@ def _form_refused(request: web.Request) -> None:
         raise web.HTTPForbidden(text="XSRF token missing or wrong: reload the page and try again\n")
 
 
+def _session(request: web.Request) -> Session:
+    """The page's visitor as the policy gate sees it: anonymous, with its address's command budget."""
+    node = request.app[NODE]
+    session = Session(node.policy, client_ip(request, node.trusted_proxies), connection=False)
+    if not session.take():
+        raise web.HTTPTooManyRequests(text="too many requests; slow down\n", headers={"Retry-After": "1"})
+    return session
+
+
+def _refused(exc: ProtocolError) -> web.Response:
+    """A gate refusal as the page's HTTP error (the status the HTTP API gives the same code)."""
+    return web.Response(status=HTTP_STATUS.get(exc.code, 400), text=exc.message + "\n")
+
+
 async def chat_page(request: web.Request) -> web.Response:
+    """The room, with its last messages rendered by the server: a history read, through the gate."""
     room = _room(request)
     channel = f"chat:{room}"
     node = request.app[NODE]
-    ns = node.namespace(channel)
+    session = _session(request)
+    try:
+        ns = session.authorize(channel, "history")
+    except ProtocolError as exc:
+        return _refused(exc)
     res = await node.broker.history(channel, ns.history, limit=PAGE_HISTORY)
     messages = [
         {
@@ -197,16 +218,12 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text=f"body must be 1-{MAX_BODY_CHARS} characters\n")
     node = request.app[NODE]
     channel = f"chat:{room}"
+    session = _session(request)
     try:
-        ns = node.namespace(channel)
-        await node.publish(channel, {"body": body, "nick": nick_of(nick) or "guest"}, ns)
+        req = session.publication(channel, {"body": body, "nick": nick_of(nick) or "guest"})
+        await node.publish([req])
     except ProtocolError as exc:
-        if exc.code is ErrorCode.MESSAGE_TOO_LARGE:
-            limit = ns.max_message_size or node.settings.max_message_size
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=limit, actual_size=len(body), text=exc.message
-            ) from None
-        raise web.HTTPBadRequest(text=exc.message) from None
+        return _refused(exc)
     except BrokerError as exc:
         raise web.HTTPServiceUnavailable(text=str(exc)) from None
     raise web.HTTPSeeOther(location="/" if room == "lobby" else f"/chat/{room}")

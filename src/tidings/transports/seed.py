@@ -1,9 +1,9 @@
 """The original Tornado chat demo, wire-compatible: ``/websocket`` (echo) and ``/chatsocket``.
 
 ``/chatsocket`` speaks the demo's own protocol: a client sends ``{"body": "..."}``; every client receives
-``{"id", "body", "html"}``. It is a bridge onto the hub's channel ``chat:lobby``, so messages from ``/ws``,
-the HTTP API and ``/chatsocket`` meet in one room. Each publication is rendered and framed once for all
-chatsocket clients.
+``{"id", "body", "html"}``. Each client is an ordinary subscriber of ``chat:lobby`` whose wire format is
+the demo's, so messages from ``/ws``, the HTTP API and ``/chatsocket`` meet in one room, and each
+publication is rendered and framed once for all chatsocket clients (the per-format cache).
 """
 
 from __future__ import annotations
@@ -17,19 +17,20 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ..backends.base import BrokerError
 from ..node import Node
-from ..protocol import ProtocolError, Publication, text_frame
+from ..protocol import CloseCode, ErrorCode, Event, ProtocolError, Publication, text_frame
+from ..subscriptions import SubscribeOutcome
 from .flush import Flusher
 from .wsbase import WsProtocol, upgrade
 
 __all__ = [
-    "CHAT_BRIDGE",
     "CHAT_CHANNEL",
-    "ChatBridge",
     "ChatSocket",
     "EchoSocket",
     "chat_body",
     "chatsocket_handler",
+    "demo_frame",
     "echo_handler",
     "linkify",
 ]
@@ -73,83 +74,88 @@ def demo_message(pub: Publication) -> dict[str, str]:
     }
 
 
-class ChatSocket(WsProtocol):
-    """A /chatsocket client: the demo's ``{"body"}`` in, the bridge's ``{"id", "body", "html"}`` out."""
+def demo_frame(item: Publication | Event) -> bytes | None:
+    """The /chatsocket wire format: ``{"id", "body", "html"}`` for a publication; the demo had no
+    join/leave events, so those are not sent."""
+    if isinstance(item, Event):
+        return None
+    return text_frame(orjson.dumps(demo_message(item)))
 
-    __slots__ = ("bridge",)
+
+class ChatSocket(WsProtocol):
+    """A /chatsocket client: an ordinary subscriber of ``chat:lobby`` (in presence and the channel list)
+    whose wire format is the demo's. The demo's ``{"body"}`` in is a publish through the policy gate, with
+    the connection's command budget; the demo protocol has no error replies, so a refused message is
+    logged, and a client that keeps being refused is closed (4030)."""
+
+    __slots__ = ()
 
     def __init__(
         self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
     ) -> None:
         super().__init__(node, transport, ip, flusher, deflate)
-        self.bridge: ChatBridge | None = None
+        self.format = demo_frame
 
     def start(self, tail: bytes, request: web.Request) -> None:
-        self.bridge = request.app[CHAT_BRIDGE]
-        self.bridge.add(self)
         super().start(tail, request)
+        if self._closing:
+            return
+        try:
+            ns = self.session.authorize(CHAT_CHANNEL, "subscribe")
+        except ProtocolError as exc:
+            code = CloseCode.UNAUTHORIZED if exc.code is ErrorCode.UNAUTHORIZED else CloseCode.FORBIDDEN
+            self.close(code, exc.message[:120])
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.node.subscriptions.subscribe(self, CHAT_CHANNEL, ns, None, _no_reply)
+        )
+        task.add_done_callback(self._subscribed)
 
-    def detach(self) -> None:
-        if self.bridge is not None:
-            self.bridge.remove(self)
-            self.bridge = None
+    def _subscribed(self, task: asyncio.Task[SubscribeOutcome | None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.info("chatsocket: subscribe failed: %s", task.exception())
+            self.close(
+                CloseCode.GOING_AWAY
+                if isinstance(task.exception(), BrokerError)
+                else CloseCode.INTERNAL_ERROR
+            )
 
     def on_text(self, payload: bytes) -> None:
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
             obj = None
-        ns = self.node.settings.namespace_for(CHAT_CHANNEL)
-        if not isinstance(obj, dict) or not isinstance(obj.get("body"), str) or ns is None:
+        if not isinstance(obj, dict) or not isinstance(obj.get("body"), str):
             log.info("chatsocket: ignored a message without a string body")  # the demo ignored them too
             return
-        try:
-            fut = self.node.publish(CHAT_CHANNEL, {"body": obj["body"]}, ns)
-        except ProtocolError as exc:
-            log.info("chatsocket: message refused: %s", exc)
+        if not self.spend():
             return
-        fut.add_done_callback(_log_failure)
+        try:
+            req = self.session.publication(CHAT_CHANNEL, {"body": obj["body"]})
+        except ProtocolError as exc:
+            log.info("chatsocket: message refused: %s %s", exc.code, exc.message)
+            return
+        self.node.submit([req], _log_failure)
 
 
-def _log_failure(fut: asyncio.Future[Publication]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.info("chatsocket: message not stored: %s", fut.exception())
+def _no_reply(outcome: SubscribeOutcome) -> None:
+    return None
 
 
-class ChatBridge:
-    """Every /chatsocket client of this node, fed from the hub's chat:lobby: each publication is rendered
-    and framed once for all of them."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.clients: set[ChatSocket] = set()
-
-    def add(self, client: ChatSocket) -> None:
-        if not self.clients:
-            self.node.hub.add_listener(CHAT_CHANNEL, self.on_publication)
-        self.clients.add(client)
-
-    def remove(self, client: ChatSocket) -> None:
-        self.clients.discard(client)
-        if not self.clients:
-            self.node.hub.remove_listener(CHAT_CHANNEL, self.on_publication)
-
-    def on_publication(self, pub: Publication) -> None:
-        frame = text_frame(orjson.dumps(demo_message(pub)))
-        for c in list(self.clients):
-            c.offer(frame)  # a client that cannot keep up is closed (4008) and leaves the bridge
-
-
-CHAT_BRIDGE = web.AppKey("tidings.chat_bridge", ChatBridge)
+def _log_failure(result: list[Publication] | BrokerError) -> None:
+    if isinstance(result, BrokerError):
+        log.info("chatsocket: message not stored: %s", result)
 
 
 class EchoSocket(WsProtocol):
-    """/websocket: every text frame comes back as ``You said: <text>``."""
+    """/websocket: every text frame comes back as ``You said: <text>``, within the connection's command
+    budget (a client that keeps sending past it is closed with 4030)."""
 
     __slots__ = ()
 
     def on_text(self, payload: bytes) -> None:
-        self.offer(text_frame(b"You said: " + payload))
+        if self.spend():
+            self.offer(text_frame(b"You said: " + payload))
 
 
 async def echo_handler(request: web.Request) -> web.StreamResponse:

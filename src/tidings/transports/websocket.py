@@ -15,14 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ..auth import ANONYMOUS, Action, TokenError, check_permission
+from ..auth import TokenError
 from ..backends.base import BrokerError, PublishRequest
-from ..config import Namespace
-from ..history import subscribe_with_replay
-from ..hub import frame_of
-from ..limits import TokenBucket
 from ..node import Node
-from ..presence import join_leave_event, presence
 from ..protocol import (
     PROTOCOL_VERSION,
     CloseCode,
@@ -43,51 +38,46 @@ from ..protocol import (
     encode_ok,
     parse_command,
     text_frame,
+    unsubscribe_push,
 )
+from ..subscriptions import SubscribeOutcome
 from .flush import Flusher
-from .wsbase import WsProtocol, upgrade
+from .wsbase import WsProtocol, token_close_code, upgrade
 
 __all__ = ["WsConnection", "ws_handler"]
-
-_PUSH_BEFORE_CLOSE = frozenset({CloseCode.GOING_AWAY, CloseCode.UNSUPPORTED_DATA, CloseCode.INTERNAL_ERROR})
 
 log = logging.getLogger("tidings.ws")
 
 MAX_BAD_FRAMES = 100  # malformed frames in a row before the connection is closed with 4400
-MAX_REFUSED = 50  # rate-limited commands in a row before the connection is closed with 4030
 MAX_BACKLOG = 64  # commands queued behind a running one before reading pauses
+MAX_TIMER = 86400.0 * 30  # timers further out than this are re-armed when they fire
+MAX_EXPIRES = 2**53  # a token's exp as the connect reply reports it (JSON-safe integer)
 _PUSH_BEFORE_CLOSE = frozenset({CloseCode.GOING_AWAY, CloseCode.UNSUPPORTED_DATA, CloseCode.INTERNAL_ERROR})
+MAX_TIMER = 86400.0 * 30  # timers further out than this are re-armed when they fire
 
 
 class WsConnection(WsProtocol):
-    """One client on /ws: the v1 JSON protocol, and the hub's Sink."""
+    """One client on /ws: the v1 JSON protocol, and the hub's Sink. Every command goes through the
+    policy gate (``self.session``) and every subscription through the node's subscription lifecycle."""
 
     __slots__ = (
         "_auth_handle",
         "_backlog",
         "_bad",
         "_expiry_handle",
+        "_grant_handle",
         "_paused",
         "_pub_reqs",
         "_pub_rids",
-        "_refused",
         "_task",
-        "bucket",
-        "channels",
-        "granted",
-        "identity",
     )
+    IN_BAND_AUTH = True
 
     def __init__(
         self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
     ) -> None:
         super().__init__(node, transport, ip, flusher, deflate)
-        self.identity = ANONYMOUS
-        self.granted: dict[str, float] = {}  # channel -> expiry of its subscription token
-        self.channels: set[str] = set()
-        self.bucket = TokenBucket(node.settings.client_rate, node.settings.client_rate * 2)
         self._bad = 0
-        self._refused = 0
         self._task: asyncio.Task[None] | None = None
         self._backlog: collections.deque[bytes] | None = None
         self._paused = False
@@ -95,29 +85,15 @@ class WsConnection(WsProtocol):
         self._pub_rids: list[int | str | None] | None = None
         self._auth_handle: asyncio.TimerHandle | None = None
         self._expiry_handle: asyncio.TimerHandle | None = None
+        self._grant_handle: asyncio.TimerHandle | None = None
 
-    @property
-    def user(self) -> str:
-        return self.identity.user
-
-    def start(self, tail: bytes, request: web.Request) -> None:
-        token = request.query.get("token")
-        if token is not None:
-            try:
-                self.authenticate(token)
-            except TokenError as exc:
-                self.register()
-                expired = exc.code is ErrorCode.TOKEN_EXPIRED
-                self.close(CloseCode.TOKEN_EXPIRED if expired else CloseCode.UNAUTHORIZED)
-                return
-        elif not self.node.settings.allow_anonymous:
-            self._auth_handle = asyncio.get_running_loop().call_later(
-                self.node.settings.auth_timeout, self.close, CloseCode.AUTH_TIMEOUT
-            )
-        super().start(tail, request)
+    def on_anonymous(self) -> None:
+        self._auth_handle = asyncio.get_running_loop().call_later(
+            self.node.settings.auth_timeout, self.close, CloseCode.AUTH_TIMEOUT
+        )
 
     def allow_ping(self) -> bool:
-        return self.bucket.take()  # pings count against the command rate: no free CPU
+        return self.session.take()  # pings count against the command budget: no free CPU
 
     def last_words(self, code: CloseCode, reason: str) -> bytes | None:
         """The ``disconnect`` push, for clients whose WebSocket API hides close codes."""
@@ -125,19 +101,9 @@ class WsConnection(WsProtocol):
             return text_frame(disconnect_push(int(code), reason, code.reconnect))
         return None
 
-    def detach(self) -> None:
-        """Leave every channel (a closing connection takes no more publications)."""
-        hub = self.node.hub
-        for channel in self.channels:
-            hub.remove(channel, self)
-            ns = self.node.settings.namespace_for(channel)
-            if ns is not None and ns.join_leave:
-                hub.broadcast_raw(channel, join_leave_event("leave", channel, self))
-        self.channels.clear()
-
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        for handle in (self._auth_handle, self._expiry_handle):
+        for handle in (self._auth_handle, self._expiry_handle, self._grant_handle):
             if handle is not None:
                 handle.cancel()
         if self._task is not None:
@@ -176,14 +142,9 @@ class WsConnection(WsProtocol):
             self.reply_error(exc.id, exc.code, exc.message)
             return
         self._bad = 0
-        if not (self.bucket.take() and self.node.user_rates.take(self.user or self.client_id)):
-            self._refused += 1
-            if self._refused > MAX_REFUSED:
-                self.close(CloseCode.RATE_LIMITED)
-            else:
-                self.reply_error(cmd.id, ErrorCode.RATE_LIMITED, "too many commands; slow down")
+        if not self.spend():
+            self.reply_error(cmd.id, ErrorCode.RATE_LIMITED, "too many commands; slow down")
             return
-        self._refused = 0
         try:
             self.dispatch(cmd)
         except ProtocolError as exc:
@@ -192,27 +153,23 @@ class WsConnection(WsProtocol):
     def dispatch(self, cmd: Command) -> None:
         if isinstance(cmd, ConnectCmd):
             self.connect(cmd)
-            return
-        if isinstance(cmd, PingCmd):
+        elif isinstance(cmd, PingCmd):
             self._send(encode_ok(cmd.id))
-            return
-        if self.identity.anonymous and not self.node.settings.allow_anonymous:
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, "send connect with a token first", cmd.id)
-        if isinstance(cmd, PublishCmd):
+        elif isinstance(cmd, PublishCmd):
             self.publish(cmd)
         elif isinstance(cmd, UnsubscribeCmd):
             self.unsubscribe(cmd)
-        elif isinstance(cmd, PresenceCmd):
-            self.presence(cmd)
-        elif isinstance(cmd, SubscribeCmd | HistoryCmd):
+        elif isinstance(cmd, SubscribeCmd | HistoryCmd | PresenceCmd):
             self._task = asyncio.get_running_loop().create_task(self._run_async(cmd))
 
-    async def _run_async(self, cmd: SubscribeCmd | HistoryCmd) -> None:
+    async def _run_async(self, cmd: SubscribeCmd | HistoryCmd | PresenceCmd) -> None:
         try:
             if isinstance(cmd, SubscribeCmd):
                 await self.subscribe(cmd)
-            else:
+            elif isinstance(cmd, HistoryCmd):
                 await self.history(cmd)
+            else:
+                await self.presence(cmd)
         except ProtocolError as exc:
             self.reply_error(cmd.id if exc.id is None else exc.id, exc.code, exc.message)
         except BrokerError as exc:
@@ -233,29 +190,32 @@ class WsConnection(WsProtocol):
     # ------------------------------------------------------------------------------ auth
 
     def authenticate(self, token: str) -> None:
-        """Verify a connection token; on failure count it against the address and raise TokenError."""
-        try:
-            identity = self.node.tokens.connection(token)
-        except TokenError:
-            self.node.auth_failures.fail(self.ip)
-            raise
-        if not self.identity.anonymous and identity.user != self.identity.user:
-            raise TokenError(ErrorCode.PERMISSION_DENIED, "a connection cannot change its user")
-        self.identity = identity
+        """Verify a connection token (TokenError if bad), arm its expiry, and end the subscriptions the
+        new token no longer allows."""
+        super().authenticate(token)
         if self._auth_handle is not None:
             self._auth_handle.cancel()
             self._auth_handle = None
         if self._expiry_handle is not None:
             self._expiry_handle.cancel()
-        if identity.expires is not None:
-            delay = max(0.0, identity.expires - time.time())
-            self._expiry_handle = asyncio.get_running_loop().call_later(
-                delay, self.close, CloseCode.TOKEN_EXPIRED
-            )
+        self._expiry_handle = None
+        self._arm_expiry()
+        self._recheck()
+
+    def _arm_expiry(self) -> None:
+        """Close with 4002 when the connection token expires (a far expiry is re-armed when reached)."""
+        expires = self.session.identity.expires
+        if expires is None or self._closing:
+            return
+        left = expires - time.time()
+        if left <= 0:
+            self.close(CloseCode.TOKEN_EXPIRED)
+            return
+        self._expiry_handle = asyncio.get_running_loop().call_later(min(left, MAX_TIMER), self._arm_expiry)
 
     def connect(self, cmd: ConnectCmd) -> None:
         if cmd.token is None:
-            if self.identity.anonymous and not self.node.settings.allow_anonymous:
+            if self.session.identity.anonymous and not self.node.settings.allow_anonymous:
                 raise ProtocolError(ErrorCode.UNAUTHORIZED, "a token is required", cmd.id)
         else:
             try:
@@ -263,41 +223,40 @@ class WsConnection(WsProtocol):
             except TokenError as exc:
                 self.reply_error(cmd.id, exc.code, exc.message)
                 if exc.code is not ErrorCode.PERMISSION_DENIED:
-                    self.close(
-                        CloseCode.TOKEN_EXPIRED
-                        if exc.code is ErrorCode.TOKEN_EXPIRED
-                        else CloseCode.UNAUTHORIZED
-                    )
+                    self.close(token_close_code(exc))
                 return
+        identity = self.session.identity
         result: dict[str, Any] = {"client": self.client_id, "version": PROTOCOL_VERSION, "user": self.user}
-        if self.identity.expires is not None:
-            result["expires"] = int(self.identity.expires)
+        if identity.expires is not None:
+            result["expires"] = int(min(identity.expires, MAX_EXPIRES))
         self._send(encode_ok(cmd.id, result))
 
-    def _granted(self, channel: str) -> bool:
-        exp = self.granted.get(channel)
-        if exp is None:
-            return False
-        if exp < time.time():
-            del self.granted[channel]
-            return False
-        return True
-
-    def _allow(self, ns: Namespace, channel: str, action: Action, rid: int | str | None) -> None:
-        check_permission(ns, self.identity, channel, action, granted=self._granted(channel), rid=rid)
+    def _recheck(self) -> None:
+        """End every subscription the client may no longer hold (an expired subscription token, a
+        connection token renewed with fewer channels), each with an ``unsubscribe`` push; then arm the
+        timer for the next grant to expire."""
+        subs = self.node.subscriptions
+        for channel in list(subs.channels_of(self)):
+            why = self.session.still_allowed(channel)
+            if why is not None:
+                subs.unsubscribe(self, channel)
+                self.session.grants.pop(channel, None)
+                resubscribe = why.code is ErrorCode.TOKEN_EXPIRED
+                self._send(unsubscribe_push(channel, why.code, why.message, resubscribe))
+        if self._grant_handle is not None:
+            self._grant_handle.cancel()
+            self._grant_handle = None
+        mine = subs.channels_of(self)
+        expiries = [exp for ch, exp in self.session.grants.items() if ch in mine]
+        if expiries and not self._closing:
+            delay = min(max(0.0, min(expiries) - time.time()) + 0.01, MAX_TIMER)
+            self._grant_handle = asyncio.get_running_loop().call_later(delay, self._recheck)
 
     # ------------------------------------------------------------------------------ ops
 
     def publish(self, cmd: PublishCmd) -> None:
         """Checked now; queued with the other publishes of this read, sent to the broker together."""
-        ns = self.node.namespace(cmd.channel, cmd.id)
-        self._allow(ns, cmd.channel, "publish", cmd.id)
-        info: dict[str, Any] | None = None
-        if self.user:
-            info = {"user": self.user, "client": self.client_id}
-            if self.identity.info:
-                info["info"] = self.identity.info
-        req = self.node.publish_request(cmd.channel, cmd.data, ns, info, rid=cmd.id)
+        req = self.session.publication(cmd.channel, cmd.data, cmd.id)
         if self._pub_reqs is None or self._pub_rids is None:
             self._pub_reqs, self._pub_rids = [req], [cmd.id]
         else:
@@ -319,74 +278,63 @@ class WsConnection(WsProtocol):
             for rid, pub in zip(rids, result, strict=True):
                 self._send(encode_ok(rid, {"offset": pub.offset, "epoch": pub.epoch, "id": pub.id}))
 
-        self.node.broker.publish_many(reqs, done)
+        self.node.submit(reqs, done)
 
     async def subscribe(self, cmd: SubscribeCmd) -> None:
-        ns = self.node.namespace(cmd.channel, cmd.id)
         if cmd.token is not None:
             try:
-                self.granted[cmd.channel] = self.node.tokens.subscription(
-                    cmd.token, cmd.channel, self.identity
-                )
+                self.session.grant(cmd.channel, cmd.token)
             except TokenError as exc:
                 if exc.code is not ErrorCode.PERMISSION_DENIED:
                     self.node.auth_failures.fail(self.ip)
                 raise ProtocolError(exc.code, exc.message, cmd.id) from None
-        self._allow(ns, cmd.channel, "subscribe", cmd.id)
-        if cmd.channel not in self.channels and len(self.channels) >= self.node.settings.max_subscriptions:
+        ns = self.session.authorize(cmd.channel, "subscribe", cmd.id)
+        subs = self.node.subscriptions
+        mine = subs.channels_of(self)
+        if cmd.channel not in mine and len(mine) >= self.node.settings.max_subscriptions:
             raise ProtocolError(
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                 f"at most {self.node.settings.max_subscriptions} subscriptions per connection",
                 cmd.id,
             )
-        hub = self.node.hub
-        outcome = await subscribe_with_replay(hub, self.node.broker, cmd.channel, self, ns.history, cmd.since)
-        if outcome is None:
-            raise ProtocolError(
-                ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {cmd.channel!r}", cmd.id
-            )
-        if self._closing:
-            hub.remove(cmd.channel, self)
-            return
-        self.channels.add(cmd.channel)
-        result: dict[str, Any] = {"channel": cmd.channel, **outcome.position.to_json()}
-        if outcome.recovered is not None:
-            result["recovered"] = outcome.recovered
-        self._send(encode_ok(cmd.id, result))
-        for pub in outcome.replay:
-            if not self.offer(frame_of(pub)):
-                return
-        hub.go_live(cmd.channel, self, outcome.live_after)
-        if ns.join_leave:
-            hub.broadcast_raw(cmd.channel, join_leave_event("join", cmd.channel, self), exclude=self)
+
+        def ready(outcome: SubscribeOutcome) -> None:
+            result: dict[str, Any] = {"channel": cmd.channel, **outcome.position.to_json()}
+            if outcome.recovered is not None:
+                result["recovered"] = outcome.recovered
+            self._send(encode_ok(cmd.id, result))
+
+        try:
+            await subs.subscribe(self, cmd.channel, ns, cmd.since, ready)
+        except ProtocolError as exc:
+            exc.id = cmd.id
+            raise
+        if cmd.channel in self.session.grants:
+            self._recheck()  # arm the grant's expiry
 
     def unsubscribe(self, cmd: UnsubscribeCmd) -> None:
-        ns = self.node.namespace(cmd.channel, cmd.id)
-        if not self.node.hub.remove(cmd.channel, self):
+        self.node.policy.admit(self.session.identity, cmd.id)
+        self.node.policy.namespace(cmd.channel, cmd.id)
+        if not self.node.subscriptions.unsubscribe(self, cmd.channel):
             raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {cmd.channel!r}", cmd.id)
-        self.channels.discard(cmd.channel)
         self._send(encode_ok(cmd.id))
-        if ns.join_leave:
-            self.node.hub.broadcast_raw(cmd.channel, join_leave_event("leave", cmd.channel, self))
 
     async def history(self, cmd: HistoryCmd) -> None:
-        ns = self.node.namespace(cmd.channel, cmd.id)
-        self._allow(ns, cmd.channel, "history", cmd.id)
-        res, recovered = await self.node.history(cmd.channel, ns, cmd.since, cmd.limit)
+        ns = self.session.authorize(cmd.channel, "history", cmd.id)
+        res, recovered = await self.node.subscriptions.history(cmd.channel, ns, cmd.since, cmd.limit)
         result: dict[str, Any] = {
-            "publications": [p.to_json() for p in res.publications],
+            "publications": [p.wire_json() for p in res.publications],
             **res.position.to_json(),
         }
         if recovered is not None:
             result["recovered"] = recovered
         self._send(encode_ok(cmd.id, result))
 
-    def presence(self, cmd: PresenceCmd) -> None:
-        ns = self.node.namespace(cmd.channel, cmd.id)
-        self._allow(ns, cmd.channel, "presence", cmd.id)
+    async def presence(self, cmd: PresenceCmd) -> None:
+        ns = self.session.authorize(cmd.channel, "presence", cmd.id)
         if not ns.presence:
             raise ProtocolError(ErrorCode.NOT_AVAILABLE, f"presence is off in namespace {ns.name!r}", cmd.id)
-        clients = presence(self.node.hub, cmd.channel)
+        clients = await self.node.presence.clients(cmd.channel)
         self._send(encode_ok(cmd.id, {"clients": clients, "count": len(clients)}))
 
 

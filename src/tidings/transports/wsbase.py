@@ -13,17 +13,17 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import itertools
 import logging
-import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from ..auth import TokenError
 from ..limits import client_ip
 from ..node import NODE, Node
-from ..protocol import CLOSE_REASONS, CloseCode
+from ..policy import Session
+from ..protocol import CLOSE_REASONS, CloseCode, ErrorCode, Event, Format, Publication, encoded
 from ..protocol.frames import (
     OP_BINARY,
     OP_CLOSE,
@@ -36,19 +36,35 @@ from ..protocol.frames import (
     control_frame,
 )
 from .flush import FLUSHER, Flusher
+from .formats import ws_frame, ws_zframe
 from .origin import origin_allowed
 
-__all__ = ["CLOSE_GRACE", "HEARTBEAT", "Heartbeat", "WsProtocol", "upgrade"]
+__all__ = [
+    "CLOSE_GRACE",
+    "HEARTBEAT",
+    "MAX_REFUSED",
+    "Heartbeat",
+    "WsProtocol",
+    "token_close_code",
+    "upgrade",
+]
 
 log = logging.getLogger("tidings.ws")
 
-_ids = itertools.count(1)
+MAX_REFUSED = 50  # commands over the budget in a row before the connection is closed with 4030
 CLOSE_GRACE = 5.0  # seconds a closing peer gets to take its last frames before the socket is aborted
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
 
+def token_close_code(exc: TokenError) -> CloseCode:
+    """The close code for a connection token that was refused."""
+    return CloseCode.TOKEN_EXPIRED if exc.code is ErrorCode.TOKEN_EXPIRED else CloseCode.UNAUTHORIZED
+
+
 class WsProtocol(asyncio.Protocol):
     """One WebSocket peer: frames in (:meth:`on_text`), frames out (:meth:`offer`), closing by the RFC.
+    It is also the hub's sink: :meth:`push` renders a publication or event in this transport's wire
+    format (``format``, through the item's per-format cache) and queues it.
 
     Subclasses implement :meth:`on_text`, and may extend :meth:`start`, :meth:`detach` and
     :meth:`allow_ping`."""
@@ -58,18 +74,23 @@ class WsProtocol(asyncio.Protocol):
         "_buffer",
         "_buffered",
         "_closing",
+        "_drained",
         "_flusher",
         "_parser",
+        "_refused",
         "_tbuf",
         "client_id",
         "counted",
         "deflate",
+        "format",
         "ip",
         "node",
         "pinged",
         "rx",
+        "session",
         "transport",
     )
+    IN_BAND_AUTH = False  # True where the protocol has its own way to authenticate after the upgrade
 
     def __init__(
         self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
@@ -80,7 +101,11 @@ class WsProtocol(asyncio.Protocol):
         self._flusher = flusher
         self.deflate = deflate
         self.counted = False  # holds a place in the connection limits
-        self.client_id = f"{next(_ids):x}-{secrets.token_hex(4)}"
+        self.session = Session(node.policy, ip)
+        self.client_id = self.session.client_id
+        self.format: Format = ws_zframe if deflate else ws_frame
+        self._drained: asyncio.Future[None] | None = None  # set while a replay waits for the drain
+        self._refused = 0
         self._parser = FrameParser(node.settings.max_message_size, deflate=deflate)
         self._buffer: list[bytes] = []
         self._buffered = 0
@@ -96,20 +121,71 @@ class WsProtocol(asyncio.Protocol):
         """A complete text message (valid UTF-8) arrived."""
         raise NotImplementedError
 
+    @property
+    def user(self) -> str:
+        return self.session.user
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
     def start(self, tail: bytes, request: web.Request) -> None:
-        """Called once the handshake response is written and this object owns the transport."""
+        """Called once the handshake response is written and this object owns the transport: the
+        ``?token=`` of the upgrade request authenticates; without one, a server that refuses anonymous
+        clients gives an in-band protocol ``auth_timeout`` seconds and closes the others (4001)."""
         self.register()
+        token = request.query.get("token")
+        if token is not None:
+            try:
+                self.authenticate(token)
+            except TokenError as exc:
+                self.close(token_close_code(exc))
+                return
+        elif not self.node.settings.allow_anonymous:
+            if not self.IN_BAND_AUTH:
+                self.close(CloseCode.UNAUTHORIZED, "this server needs a connection token (?token=)")
+                return
+            self.on_anonymous()
         if tail:
             self.data_received(tail)
+
+    def authenticate(self, token: str) -> None:
+        """Verify a connection token; a bad one counts against the address (TokenError)."""
+        try:
+            self.session.authenticate(token)
+        except TokenError:
+            self.node.auth_failures.fail(self.ip)
+            raise
+
+    def spend(self) -> bool:
+        """One command (message) from the session's budget. False when refused; a client refused
+        MAX_REFUSED times in a row is closed (4030)."""
+        if self.session.take():
+            self._refused = 0
+            return True
+        self._refused += 1
+        if self._refused > MAX_REFUSED:
+            self.close(CloseCode.RATE_LIMITED)
+        return False
+
+    def on_anonymous(self) -> None:
+        """An anonymous connection on a server that needs tokens, with a protocol that can send one."""
 
     def register(self) -> None:
         """Count this connection in the node and start reading."""
         self.node.connections.add(self)
         self.node.drained.clear()
+        # writable() waits for resume_writing(), which asyncio calls only after pause_writing(): both
+        # thresholds are set here so that they match.
+        self.transport.set_write_buffer_limits(high=self._high_water())
         self.transport.resume_reading()
 
+    def _high_water(self) -> int:
+        return max(1, self.node.settings.max_buffer // 4)
+
     def detach(self) -> None:
-        """Stop taking messages from the rest of the server (called once closing starts)."""
+        """Leave every channel (runs on the loop soon after closing starts, never inside close())."""
+        self.node.subscriptions.drop(self)
 
     def allow_ping(self) -> bool:
         return True
@@ -123,19 +199,56 @@ class WsProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------------------ sending
 
+    def push(self, item: Publication | Event) -> None:
+        frame = encoded(item, self.format)
+        if frame is not None:
+            self.offer(frame)
+
     def offer(self, frame: bytes) -> bool:
-        """Queue a frame without blocking; False when closed, or when the peer is too slow (closed 4008)."""
+        """Queue a frame without blocking; False when closed, or when the peer is too slow (closed 4008).
+
+        Only bytes the kernel would not take count: when the queue reaches ``max_buffer`` it is handed to
+        the transport at once, and the peer is cut off only if what the transport still holds after that
+        is over the limit. So a burst to a fast reader passes, and a stalled reader holds at most about
+        twice ``max_buffer``."""
         if self._closing:
             return False
         size = self._buffered + len(frame)
         if size + self._tbuf > self.node.settings.max_buffer:
-            self.close(CloseCode.SLOW_CONSUMER)
-            return False
+            self.flush()
+            if self._tbuf > self.node.settings.max_buffer:
+                self.close(CloseCode.SLOW_CONSUMER)
+                return False
+            size = len(frame)
         if not self._buffer:
             self._flusher.mark(self)
         self._buffer.append(frame)
         self._buffered = size
         return True
+
+    def writable(self) -> Awaitable[None] | None:
+        """None when more may be queued now; else a future that resolves once the transport drained
+        (asyncio's ``resume_writing``) or the connection closed. Paces replays."""
+        if self._closing:
+            return None
+        self.flush()
+        if self._tbuf <= self._high_water():
+            return None
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        return self._drained
+
+    def pause_writing(self) -> None:
+        pass  # writable() decides from the transport's buffer size itself
+
+    def resume_writing(self) -> None:
+        self._tbuf = self.transport.get_write_buffer_size()
+        self._wake()
+
+    def _wake(self) -> None:
+        fut, self._drained = self._drained, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def flush(self) -> None:
         buf = self._buffer
@@ -164,8 +277,14 @@ class WsProtocol(asyncio.Protocol):
             self._buffer.append(words)
         self._buffer.append(close_frame(int(code), reason))
         self.flush()
-        self.detach()
+        self._detach_soon()
         self._abort_handle = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
+
+    def _detach_soon(self) -> None:
+        """Closing never calls back into the hub from inside the call that closed (it may be the hub's
+        own fan-out loop): leaving the channels runs on the loop, next."""
+        self._wake()
+        asyncio.get_running_loop().call_soon(self.detach)
 
     def ping(self) -> None:
         if not self._closing:
@@ -211,6 +330,7 @@ class WsProtocol(asyncio.Protocol):
             node.conn_limits.release(self.ip)
         self._closing = True
         self.detach()
+        self._wake()
         if self._abort_handle is not None:
             self._abort_handle.cancel()
         self._buffer.clear()
@@ -222,7 +342,7 @@ class WsProtocol(asyncio.Protocol):
             log.info("closing %s (%s): %d %s", self.client_id, self.ip, code, reason)
             self.flush()
             self.transport.write(close_frame(code, reason))
-            self.detach()
+            self._detach_soon()
             self._abort_handle = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
         self.transport.close()
 
@@ -240,7 +360,7 @@ class WsProtocol(asyncio.Protocol):
         self._closing = True
         self.flush()
         self.transport.write(close_frame(code))
-        self.detach()
+        self._detach_soon()
         self.transport.close()
 
 

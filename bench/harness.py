@@ -1,0 +1,450 @@
+"""Processes of a benchmark run: the server, load generators, publishers and wrk; CPU pinning, the
+loopback receive-path switch (RPS on lo) and /proc samples of the server.
+
+Everything started here is stopped here, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import orjson
+
+from bench import procstat, stats
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+LOADGEN = BENCH / "build" / "loadgen"
+PUBLISHER = BENCH / "publisher.py"
+WRK_LUA = BENCH / "wrk-publish.lua"  # wrk's script, a LuaTemplate: @what @run_us @key_file @path @body
+DEFAULT_SERVER_CMD = (
+    "{python} -m tidings serve --host {host} --port {port} --data-dir {data_dir} {broker_args}"
+)
+PER_PROC_MAX = 9500  # connections per loadgen process (open-files limit is 20,000 per process)
+SECRETS: set[str] = set()  # API keys given on the command line, kept out of the results
+SRC_IPS = 8  # spread client source addresses over 127.0.0.1..127.0.0.8 (ephemeral ports)
+RPS_LO = Path("/sys/class/net/lo/queues/rx-0/rps_cpus")
+
+
+@dataclass
+class Cfg:
+    """Where and how the processes run (the scenarios' sizes are separate: ``scenarios.Sizes``)."""
+
+    quick: bool
+    host: str
+    server_cmd: str
+    broker: str  # auto | memory | sqlite
+    attach: tuple[str, int] | None
+    server_pid: int | None
+    api_key: str
+    server_cpu: int | None
+    client_cpu: int | None
+    scenario_timeout: float
+    ready_timeout: float
+    out: Path | None
+    no_wrk: bool = False
+    busy_poll: bool = False
+    steer_rx: bool = False
+
+    @property
+    def target_host(self) -> str:
+        """The server's address as the clients dial it."""
+        return self.attach[0] if self.attach else self.host
+
+
+@dataclass
+class Server:
+    port: int
+    pid: int | None
+    api_key: str
+    data_dir: str | None = None
+    proc: asyncio.subprocess.Process | None = None
+    cmd: str = ""
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    log: Path | None = None
+    key_overridden: bool = False
+    loadgens: list[Loadgen] = field(default_factory=list)  # started against it, killed when it stops
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def taskset(cpu: int | None) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if cpu is not None else []
+
+
+def nprocs(n: int, at_least: int = 1) -> int:
+    """Load-generator processes for n connections."""
+    return stats.procs_for(n, PER_PROC_MAX, at_least)
+
+
+def build_loadgen() -> None:
+    """``bench/build.sh``, when the binary is older than ``loadgen.c``."""
+    src = BENCH / "loadgen.c"
+    if LOADGEN.exists() and LOADGEN.stat().st_mtime >= src.stat().st_mtime:
+        return
+    subprocess.run(["sh", str(BENCH / "build.sh")], check=True, timeout=120, stdout=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def steered_rx(cpu: int | None, enabled: bool) -> Iterator[None]:
+    """Process loopback receives on ``cpu`` (the clients' CPU) for the duration; restore after.
+
+    On loopback the sender's CPU normally also runs the receiver's TCP input path (about 4 µs per segment
+    here), so the server would be charged for work a client machine's kernel does in production."""
+    if not enabled:
+        yield
+        return
+    if cpu is None:
+        raise SystemExit("--steer-rx needs pinning (a client CPU)")
+    old = RPS_LO.read_text().strip()
+    RPS_LO.write_text(f"{1 << cpu:x}\n")
+    try:
+        yield
+    finally:
+        RPS_LO.write_text(old + "\n")
+
+
+# --------------------------------------------------------------------------------------------- loadgen
+class Loadgen:
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = asyncio.Event()
+        self.ready_info: dict[str, Any] = {}
+        self.stderr: list[str] = []
+        self._out = b""
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        self._tasks = [asyncio.create_task(self._read_err()), asyncio.create_task(self._read_out())]
+
+    async def _read_err(self) -> None:
+        assert self.proc and self.proc.stderr
+        async for line in self.proc.stderr:
+            s = line.decode(errors="replace").rstrip()
+            if s.startswith("READY "):
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    self.ready_info = orjson.loads(s[6:])
+                self.ready.set()
+            elif len(self.stderr) < 50:
+                self.stderr.append(s)
+        self.ready.set()  # exited: do not wait forever
+
+    async def _read_out(self) -> None:
+        assert self.proc and self.proc.stdout
+        self._out = await self.proc.stdout.read()
+
+    def signal_stop(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGUSR1)
+
+    async def finish(self, timeout: float) -> dict[str, Any]:
+        assert self.proc
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.signal_stop()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        lines = [ln for ln in self._out.decode(errors="replace").splitlines() if ln.startswith("{")]
+        if not lines:
+            return {
+                "errors": 1,
+                "error_kinds": {"loadgen_no_output": 1},
+                "stderr": self.stderr,
+                "start_ns": 0,
+            }
+        return dict(orjson.loads(lines[-1]))
+
+    def kill(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()
+
+
+async def start_loadgens(
+    cfg: Cfg, srv: Server, n: int, procs: int, mode_args: list[str], duration: float
+) -> tuple[list[Loadgen], list[dict[str, Any]]]:
+    """``procs`` load generators sharing n connections; returns once all are ready (bounded).
+
+    They are ``srv.loadgens`` too, so that :func:`running_server` kills what is left of them."""
+    lgs: list[Loadgen] = []
+    off = 0
+    for k, cnt in enumerate(stats.spread(n, procs)):
+        argv = [
+            str(LOADGEN),
+            *mode_args,
+            "--host",
+            cfg.target_host,
+            "--port",
+            str(srv.port),
+            "--conns",
+            str(cnt),
+            "--conn-offset",
+            str(off),
+            "--src-ips",
+            str(SRC_IPS),
+            "--src-base",
+            str(1 + (k * SRC_IPS) % 240),
+            "--duration",
+            f"{duration:g}",
+            "--ready-timeout",
+            f"{cfg.ready_timeout:g}",
+            "--hist",
+            *(["--busy-poll"] if cfg.busy_poll else []),
+        ]
+        off += cnt
+        lgs.append(Loadgen(argv))
+    srv.loadgens.extend(lgs)
+    for lg in lgs:
+        await lg.start()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(lg.ready.wait() for lg in lgs)), cfg.ready_timeout + 10)
+    return lgs, [lg.ready_info for lg in lgs]
+
+
+# --------------------------------------------------------------------------------------------- publisher
+async def run_publisher(args: list[str], timeout: float) -> tuple[dict[str, Any], str]:
+    """``bench/publisher.py`` with ``args`` (bounded); its JSON report and its command line."""
+    argv = [sys.executable, str(PUBLISHER), *args]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return {"published": 0, "errors": 1, "error_kinds": {"publisher_killed": 1}}, shlex.join(argv)
+    lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
+    if not lines:
+        return {
+            "published": 0,
+            "errors": 1,
+            "error_kinds": {"publisher_failed": 1},
+            "stderr": err.decode()[-2000:],
+        }, shlex.join(argv)
+    return dict(orjson.loads(lines[-1])), shlex.join(argv)
+
+
+# --------------------------------------------------------------------------------------------- server
+async def wait_healthy(host: str, port: int, proc: asyncio.subprocess.Process | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.returncode is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with s.get(f"http://{host}:{port}/healthz") as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise RuntimeError("server did not become healthy in time")
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    return open(path, "wb")  # handed to the child, closed right after the spawn
+
+
+async def start_server(cfg: Cfg, broker: str) -> Server:
+    """A fresh server (or the attached one) on a free port, healthy, with its API key read."""
+    if cfg.attach:
+        host, port = cfg.attach
+        await wait_healthy(host, port, None, 5)
+        return Server(port=port, pid=cfg.server_pid, api_key=cfg.api_key, cmd="(attached)")
+    if cfg.broker != "auto":
+        broker = cfg.broker
+    tmp = tempfile.TemporaryDirectory(prefix="tidings-bench-")
+    data_dir = tmp.name
+    port = free_port(cfg.host)
+    broker_args = "--broker memory://" if broker == "memory" else ""
+    cmd = cfg.server_cmd.format(
+        python=shlex.quote(sys.executable),
+        host=cfg.host,
+        port=port,
+        data_dir=data_dir,
+        broker_args=broker_args,
+    )
+    argv = [*taskset(cfg.server_cpu), *shlex.split(cmd)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("TIDINGS_CONFIG", str(BENCH / "tidings-bench.toml"))
+    log = Path(data_dir) / "server.log"
+    logf = _open_log(log)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=data_dir, start_new_session=True
+    )
+    logf.close()
+    srv = Server(port=port, pid=proc.pid, api_key="", data_dir=data_dir, proc=proc, cmd=cmd, tmp=tmp, log=log)
+    try:
+        await wait_healthy(cfg.host, port, proc, 20)
+        key_file = Path(data_dir) / "api-key"
+        for _ in range(50):
+            if key_file.exists() and key_file.read_text().strip():
+                break
+            await asyncio.sleep(0.1)
+        srv.key_overridden = bool(cfg.api_key)
+        srv.api_key = cfg.api_key or (key_file.read_text().strip() if key_file.exists() else "")
+    except Exception:
+        await stop_server(srv)
+        raise
+    return srv
+
+
+async def stop_server(srv: Server) -> None:
+    if srv.proc is not None and srv.proc.returncode is None:
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(srv.proc.wait(), 5)
+        except TimeoutError:
+            srv.proc.kill()
+            await srv.proc.wait()
+    if srv.tmp is not None:
+        srv.tmp.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running_server(cfg: Cfg, broker: str) -> AsyncIterator[Server]:
+    """:func:`start_server`; on the way out its load generators are killed, then it is stopped (and its
+    data dir removed)."""
+    srv = await start_server(cfg, broker)
+    try:
+        yield srv
+    finally:
+        for lg in srv.loadgens:
+            lg.kill()
+        await stop_server(srv)
+
+
+def server_tail(srv: Server) -> str:
+    if srv.log and srv.log.exists():
+        return srv.log.read_text(errors="replace")[-1500:]
+    return ""
+
+
+def key_args(srv: Server) -> list[str]:
+    """Pass the API key by file so that it never appears in a command line or the results."""
+    if srv.data_dir and (Path(srv.data_dir) / "api-key").exists() and not srv.key_overridden:
+        return ["--api-key-file", str(Path(srv.data_dir) / "api-key")]
+    SECRETS.add(srv.api_key)
+    return ["--api-key", srv.api_key]
+
+
+def redact(text: str) -> str:
+    for s in SECRETS:
+        if s:
+            text = text.replace(s, "<api-key>")
+    return text
+
+
+def snap(srv: Server) -> procstat.Sample | None:
+    """The server's CPU time and RSS now; None without a PID (attached) or once it is gone."""
+    if srv.pid is None:
+        return None
+    try:
+        return procstat.sample(srv.pid)
+    except OSError:
+        return None
+
+
+async def committed(cfg: Cfg, srv: Server, channels: list[str]) -> dict[str, int]:
+    """Top offset of each channel (GET /api/channels/<ch>/history?limit=1); 0 if never published."""
+    headers = {"Authorization": f"Bearer {srv.api_key}"}
+    out: dict[str, int] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        for ch in channels:
+            async with s.get(
+                f"http://{cfg.target_host}:{srv.port}/api/channels/{ch}/history",
+                params={"limit": "1"},
+                headers=headers,
+            ) as resp:
+                if resp.status == 404:
+                    out[ch] = 0
+                    continue
+                resp.raise_for_status()
+                out[ch] = int((await resp.json(loads=orjson.loads))["offset"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- wrk
+class LuaTemplate(string.Template):
+    """``@name`` placeholders: ``$`` is a Lua pattern anchor, ``@`` appears nowhere in Lua."""
+
+    delimiter = "@"
+
+
+def wrk_bin(cfg: Cfg) -> str | None:
+    return None if cfg.no_wrk else shutil.which("wrk")
+
+
+def write_wrk_script(
+    srv: Server, tmp: Path, name: str, what: str, run_s: float, path: str, body: str
+) -> tuple[Path, str]:
+    """``wrk-publish.lua`` filled in, as ``tmp/<name>.lua``; returns its path and text.
+
+    The script reads the API key from a file, so it never appears in a command line or result."""
+    key_file = Path(srv.data_dir or "", "api-key")
+    if not (srv.data_dir and key_file.exists() and not srv.key_overridden):
+        key_file = tmp / "api-key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(srv.api_key + "\n")
+    lua = LuaTemplate(WRK_LUA.read_text()).substitute(
+        what=what, run_us=int(run_s * 1e6), key_file=key_file, path=path, body=body
+    )
+    script = tmp / f"{name}.lua"
+    script.write_text(lua)
+    return script, lua
+
+
+async def run_wrk(argv: list[str], timeout: float) -> tuple[dict[str, Any], str]:
+    """Run wrk (bounded); returns the done() JSON (plus wrk's own Requests/sec) and wrk's stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out_b, err_b = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        return {"error": "wrk_killed"}, ""
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    out = out_b.decode(errors="replace")
+    lines = out.splitlines()
+    js = [ln[8:] for ln in lines if ln.startswith("WRKJSON ")]
+    if not js:
+        return {"error": "wrk_no_output", "rc": proc.returncode, "stderr": err_b.decode()[-1000:]}, out
+    res = dict(orjson.loads(js[-1]))
+    for ln in lines:
+        if ln.startswith("Requests/sec:"):
+            with contextlib.suppress(ValueError):
+                res["requests_per_sec_wrk"] = float(ln.split(":", 1)[1])
+    return res, out
