@@ -234,7 +234,7 @@ def make_runner(app: web.Application, header_timeout: float, **kwargs: Any) -> w
 
 def fd_reserve(limit: int) -> int:
     """File descriptors kept for everything but client connections (storage, logs, refusals)."""
-    return max(32, min(1024, limit // 10))
+    return max(MAX_REFUSALS + 64, min(1024, limit // 10))
 
 
 def fit_open_files(settings: Settings) -> str:
