@@ -200,7 +200,7 @@ async def test_idle_http_connections_are_capped_per_address(
 
 
 async def test_trusted_proxy_connections_count_in_the_total_only(start_server: ServerFactory) -> None:
-    srv = await start_server(max_connections_per_ip=2, max_connections=6, trusted_proxies=["127.0.0.1"])
+    srv = await start_server(max_connections_per_ip=2, max_http_connections=6, trusted_proxies=["127.0.0.1"])
     idle = await open_idle(srv, 5)  # from the proxy's address: over the per-address cap, under the total
     assert (await request(srv, get("/healthz")))[0] == 200
     idle += await open_idle(srv, 6)
@@ -300,11 +300,13 @@ def test_open_files_limit_raised_and_connections_fit(tmp_path: Path) -> None:
             time.sleep(0.05)
         text = log_path.read_text()
         m = re.search(
-            r"open files: limit 600 \(raised from 256\); max_connections 100000 lowered to (\d+)", text
+            r"open files: limit 600 \(raised from 256\); max_http_connections 1024 lowered to (\d+); "
+            r"max_connections 100000 lowered to (\d+)",
+            text,
         )
         assert m, text
-        cap = int(m.group(1))
-        assert 2 * cap + 60 <= 600
+        http_cap, cap = int(m.group(1)), int(m.group(2))
+        assert cap + http_cap + 60 <= 600
 
         async def flood() -> tuple[int, int, int]:
             conns, refused, other = [], 0, 0

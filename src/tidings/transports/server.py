@@ -215,7 +215,9 @@ class _Runner(web.AppRunner):
             settings = node.settings
             self._kwargs.setdefault("keepalive_timeout", settings.keepalive_timeout)
             attrs["body_timeout"] = settings.body_timeout
-            attrs["limiter"] = ConnectionLimiter(settings.max_connections, settings.max_connections_per_ip)
+            attrs["limiter"] = ConnectionLimiter(
+                settings.max_http_connections, settings.max_connections_per_ip
+            )
             attrs["trusted"] = parse_networks(settings.trusted_proxies)
         server = await super()._make_server()
         server.__class__ = _Server
@@ -238,8 +240,10 @@ def fd_reserve(limit: int) -> int:
 
 
 def fit_open_files(settings: Settings) -> str:
-    """Raise the soft RLIMIT_NOFILE to the hard limit, and lower ``max_connections`` so that the WebSocket
-    and the HTTP connection caps (each ``max_connections``) fit in it. Returns the line to log."""
+    """Raise the soft RLIMIT_NOFILE to the hard limit, and lower the connection caps so that they fit in
+    it: ``max_http_connections`` (plain HTTP, short-lived: at most a quarter of what is left after the
+    reserve) and ``max_connections`` (WebSocket: the rest). ``max_connections = 0`` (unlimited) is the
+    operator's choice and is kept, with a warning in the line. Returns the line to log."""
     try:
         import resource
     except ImportError:  # pragma: no cover - Windows
@@ -254,12 +258,19 @@ def fit_open_files(settings: Settings) -> str:
             soft = target
         except (ValueError, OSError) as exc:
             raised = f" (could not raise it to {hard}: {exc})"
-    budget = max(2, (soft - fd_reserve(soft)) // 2)
+    room = max(4, soft - fd_reserve(soft))
     line = f"open files: limit {soft}{raised}"
-    if not settings.max_connections or settings.max_connections > budget:
+    http = settings.max_http_connections
+    if not http or http > room // 4:
+        line += f"; max_http_connections {http or 'unlimited'} lowered to {room // 4}"
+        http = settings.max_http_connections = max(1, room // 4)
+    budget = max(2, room - http)
+    if not settings.max_connections:
+        line += f"; max_connections unlimited: more than {budget} WebSocket connections will fail to accept"
+    elif settings.max_connections > budget:
         line += (
-            f"; max_connections {settings.max_connections or 'unlimited'} lowered to {budget} so that "
-            f"WebSocket and HTTP connections fit (raise the hard limit, e.g. LimitNOFILE= in systemd)"
+            f"; max_connections {settings.max_connections} lowered to {budget} so that WebSocket and HTTP "
+            f"connections fit (raise the hard limit, e.g. LimitNOFILE= in systemd)"
         )
         settings.max_connections = budget
     else:
