@@ -19,7 +19,16 @@ from tidings.config import Namespace
 from tidings.protocol import MAX_DEPTH
 
 from .conftest import ProbeFactory, Server, ServerFactory, api_headers
+from .rawws import client_frame, raw_upgrade
 from .test_auth import SECRET, claims, hs
+
+
+async def never_reading_subscriber(port: int, channel: str) -> asyncio.StreamWriter:
+    """A /ws client that subscribes to ``channel`` and then never reads."""
+    _, writer = await raw_upgrade(port, rcvbuf=4096)
+    writer.write(client_frame(orjson.dumps({"id": 1, "op": "subscribe", "channel": channel})))
+    await writer.drain()
+    return writer
 
 
 def nested(depth: int) -> Any:
@@ -119,16 +128,7 @@ async def test_a_stalled_reader_is_still_cut_off(start_server: ServerFactory, pr
     """The other side of the rule: a reader that takes nothing is closed 4008 once the kernel refuses
     more than max_buffer, and its buffer stays bounded."""
     srv = await start_server(max_buffer=256 * 1024)
-    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-    writer.write(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    await reader.readuntil(b"\r\n\r\n")
-    from .rawws import client_frame
-
-    writer.write(client_frame(b'{"id": 1, "op": "subscribe", "channel": "pub:stall"}'))
-    await writer.drain()
+    writer = await never_reading_subscriber(srv.port, "pub:stall")
     async with asyncio.timeout(5):
         while not srv.node.hub.subscribers("pub:stall"):
             await asyncio.sleep(0.01)
@@ -257,16 +257,7 @@ async def test_closing_inside_fan_out_never_reorders_events(
     srv = await start_server(max_buffer=64 * 1024)
     # A raw client that subscribes first and never reads: it is cut off during some delivery, before
     # the watchers (who subscribed after it) got that publication.
-    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-    writer.write(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    await reader.readuntil(b"\r\n\r\n")
-    from .rawws import client_frame
-
-    writer.write(client_frame(b'{"id": 1, "op": "subscribe", "channel": "chat:order"}'))
-    await writer.drain()
+    writer = await never_reading_subscriber(srv.port, "chat:order")
     async with asyncio.timeout(5):
         while not srv.node.hub.is_live(
             "chat:order", next(iter(srv.node.hub.subscribers("chat:order")), None)

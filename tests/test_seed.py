@@ -140,3 +140,20 @@ async def test_cross_origin_upgrade_refused(
     for origin in ("https://allowed.example", f"http://127.0.0.1:{srv.port}"):
         ws = await session.ws_connect(url, headers={"Origin": origin})
         await ws.close()
+
+
+async def test_chatsocket_clients_are_ordinary_subscribers(
+    server: Server, session: aiohttp.ClientSession
+) -> None:
+    """A /chatsocket client is a subscriber of chat:lobby like any other: it is in the channel's presence
+    and in /api/channels, and it leaves both when it goes."""
+    url = f"ws://127.0.0.1:{server.port}/chatsocket"
+    async with session.ws_connect(url), session.ws_connect(url):
+        clients = await live_in_lobby(server, 2)
+        async with session.get(f"{server.http}/api/channels/chat:lobby/presence", headers=api_headers()) as r:
+            assert (await r.json())["count"] == 2 == len(clients)
+        async with session.get(f"{server.http}/api/channels", headers=api_headers()) as r:
+            assert {"channel": "chat:lobby", "subscribers": 2} in (await r.json())["channels"]
+    async with asyncio.timeout(5):
+        while await server.node.presence.clients("chat:lobby") or server.node.hub.channels():
+            await asyncio.sleep(0.01)

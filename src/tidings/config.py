@@ -95,7 +95,9 @@ class Settings:
     max_buffer: int = 1 << 20  # bytes queued for one connection before it is cut off as slow
     max_connections: int = 100_000
     max_connections_per_ip: int = 1000
-    max_http_connections: int = 1024  # plain HTTP connections on this node (idle keep-alive ones included)
+    max_http_connections: int = (
+        0  # plain HTTP connections on this node; 0: as many as the open-files limit leaves
+    )
     max_subscriptions: int = 512
     history_cache_bytes: int = 256 << 20  # bytes of recent history kept in memory for reads (sqlite)
     max_history_bytes: int = (

@@ -4,6 +4,7 @@ and every one passes the same contract suite (``tests/test_broker_contract.py``)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Callable
@@ -18,6 +19,7 @@ __all__ = [
     "BrokerHandler",
     "HistoryOptions",
     "HistoryResult",
+    "OneNode",
     "PresenceStore",
     "PublishDone",
     "PublishRequest",
@@ -128,6 +130,22 @@ class Broker(Protocol):
     def interest(self, channel: str, on: bool) -> None:
         """This node got its first local subscriber of ``channel`` (``on``) or lost its last one."""
         ...
+
+
+class OneNode:
+    """What a broker that serves one node does for events and interest: events go straight to this
+    node's handler (on the loop, never inside the caller), and interest changes nothing (every
+    publication is delivered here anyway). Subclasses set ``_loop`` and ``_handler`` in ``start``."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _handler: BrokerHandler | None = None
+
+    def publish_event(self, event: Event) -> None:
+        assert self._loop is not None and self._handler is not None, "broker not started"
+        self._loop.call_soon(self._handler.deliver_event, event)
+
+    def interest(self, channel: str, on: bool) -> None:
+        return None
 
 
 class PresenceStore(Protocol):

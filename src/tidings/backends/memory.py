@@ -5,8 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ..protocol import Event, Publication, new_publication_id
-from .base import BrokerHandler, HistoryOptions, HistoryResult, PublishDone, PublishRequest, land, new_epoch
+from ..protocol import Publication, new_publication_id
+from .base import (
+    BrokerHandler,
+    HistoryOptions,
+    HistoryResult,
+    OneNode,
+    PublishDone,
+    PublishRequest,
+    land,
+    new_epoch,
+)
 from .stream import Stream, StreamSet, empty_result, now_ms
 
 __all__ = ["MemoryBroker"]
@@ -15,7 +24,7 @@ __all__ = ["MemoryBroker"]
 STREAM_IDLE_TTL = 3600.0
 
 
-class MemoryBroker:
+class MemoryBroker(OneNode):
     """History lives in :class:`Stream` objects, bounded in count per channel and in bytes over all
     channels (``max_history_bytes``: the channels published to least recently lose their history first).
     Publications are delivered on the loop after ``publish_many`` returns (never inside the caller)."""
@@ -65,13 +74,6 @@ class MemoryBroker:
         if s is None:
             return empty_result(self._empty_epoch)
         return self._streams.read(s, opts, since, limit)
-
-    def publish_event(self, event: Event) -> None:
-        assert self._loop is not None and self._handler is not None, "broker not started"
-        self._loop.call_soon(self._handler.deliver_event, event)
-
-    def interest(self, channel: str, on: bool) -> None:
-        return None  # one node: every publication is delivered here anyway
 
     async def _sweep(self) -> None:
         while True:

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..protocol import Event, Publication, new_publication_id
+from ..protocol import Publication, new_publication_id
 from .base import (
     BrokerError,
     BrokerHandler,
     HistoryOptions,
     HistoryResult,
+    OneNode,
     PublishDone,
     PublishRequest,
     land,
@@ -95,7 +96,7 @@ _Item = _Pubs | _Load | _Stop | _Trimmed
 _ROW_BYTES = "length(data) + COALESCE(length(info), 0) + length(channel) + 64"
 
 
-class SqliteBroker:
+class SqliteBroker(OneNode):
     def __init__(
         self,
         path: str | Path,
@@ -154,13 +155,6 @@ class SqliteBroker:
         if stream is None:
             stream = await self._load(channel, opts)
         return self._cache.read(stream, opts, since, limit)
-
-    def publish_event(self, event: Event) -> None:
-        assert self._loop is not None and self._handler is not None, "broker not started"
-        self._loop.call_soon(self._handler.deliver_event, event)
-
-    def interest(self, channel: str, on: bool) -> None:
-        return None  # one node: every publication is delivered here anyway
 
     async def _load(self, channel: str, opts: HistoryOptions) -> Stream:
         fut = self._loading.get(channel)

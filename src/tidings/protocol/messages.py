@@ -192,33 +192,25 @@ class Publication:
 
     def to_json(self) -> dict[str, Any]:
         """The publication as a JSON object of decoded values."""
-        out: dict[str, Any] = {
-            "channel": self.channel,
-            "offset": self.offset,
-            "epoch": self.epoch,
-            "id": self.id,
-            "time": self.time,
-            "data": self.data,
-        }
-        info = self.info
-        if info is not None:
-            out["info"] = info
-        return out
+        return self._json(self.data, self.info)
 
     def wire_json(self) -> dict[str, Any]:
         """Like :meth:`to_json`, with ``data`` and ``info`` as their stored bytes (for ``orjson.dumps``):
         nothing is decoded or encoded again."""
+        raw_info = self.raw_info
+        return self._json(orjson.Fragment(self.raw), None if raw_info is None else orjson.Fragment(raw_info))
+
+    def _json(self, data: Any, info: Any) -> dict[str, Any]:
         out: dict[str, Any] = {
             "channel": self.channel,
             "offset": self.offset,
             "epoch": self.epoch,
             "id": self.id,
             "time": self.time,
-            "data": orjson.Fragment(self.raw),
+            "data": data,
         }
-        raw_info = self.raw_info
-        if raw_info is not None:
-            out["info"] = orjson.Fragment(raw_info)
+        if info is not None:
+            out["info"] = info
         return out
 
     def push_bytes(self) -> bytes:

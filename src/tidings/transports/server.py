@@ -89,6 +89,8 @@ class _EdgeHandler(RequestHandler):
     header_timeout = 10.0
     body_timeout = 30.0
     limiter: ConnectionLimiter | None = None
+    ws_limits: ConnectionLimiter | None = None  # the node's WebSocket connections
+    room = 0  # file descriptors for connections of both kinds (0: no limit known)
     trusted: list[Any] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -99,6 +101,10 @@ class _EdgeHandler(RequestHandler):
             peer = transport.get_extra_info("peername")
             ip = peer[0] if isinstance(peer, tuple) and peer else ""
             per_ip = not in_networks(ip, self.trusted)
+            ws = self.ws_limits.total if self.ws_limits is not None else 0
+            if self.room and self.limiter.total + ws >= self.room:
+                self._refuse(transport, ip, per_ip, "the open-files limit")  # type: ignore[arg-type]
+                return
             if not self.limiter.acquire(ip, per_ip):
                 self._refuse(transport, ip, per_ip)  # type: ignore[arg-type]
                 return
@@ -106,15 +112,20 @@ class _EdgeHandler(RequestHandler):
         super().connection_made(transport)
         self._arm(self.header_timeout)
 
-    def _refuse(self, transport: asyncio.Transport, ip: str, per_ip: bool) -> None:
+    def _refuse(self, transport: asyncio.Transport, ip: str, per_ip: bool, which: str = "") -> None:
         assert self.limiter is not None
-        which = "max_connections_per_ip" if per_ip and self.limiter.count(ip) else "max_connections"
+        if not which:
+            at_ip = per_ip and self.limiter.per_ip_max and self.limiter.count(ip) >= self.limiter.per_ip_max
+            which = "max_connections_per_ip" if at_ip else "max_http_connections"
         _log_limited(
             f"refuse:{which}",
             "refusing HTTP connections from %s: %s (%d) reached; %d open in all",
             ip,
             which,
-            self.limiter.per_ip_max if which == "max_connections_per_ip" else self.limiter.total_max,
+            {
+                "max_connections_per_ip": self.limiter.per_ip_max,
+                "max_http_connections": self.limiter.total_max,
+            }.get(which, self.room),
             self.limiter.total,
         )
         if _Refusal.live >= MAX_REFUSALS:
@@ -218,6 +229,8 @@ class _Runner(web.AppRunner):
             attrs["limiter"] = ConnectionLimiter(
                 settings.max_http_connections, settings.max_connections_per_ip
             )
+            attrs["ws_limits"] = node.conn_limits
+            attrs["room"] = fd_room()
             attrs["trusted"] = parse_networks(settings.trusted_proxies)
         server = await super()._make_server()
         server.__class__ = _Server
@@ -239,11 +252,25 @@ def fd_reserve(limit: int) -> int:
     return max(MAX_REFUSALS + 64, min(1024, limit // 10))
 
 
+def fd_room() -> int:
+    """File descriptors this process has for client connections (HTTP and WebSocket together): the
+    open-files limit less :func:`fd_reserve`; 0 when unknown."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return 0
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(4, soft - fd_reserve(soft))
+
+
 def fit_open_files(settings: Settings) -> str:
-    """Raise the soft RLIMIT_NOFILE to the hard limit, and lower the connection caps so that they fit in
-    it: ``max_http_connections`` (plain HTTP, short-lived: at most a quarter of what is left after the
-    reserve) and ``max_connections`` (WebSocket: the rest). ``max_connections = 0`` (unlimited) is the
-    operator's choice and is kept, with a warning in the line. Returns the line to log."""
+    """Raise the soft RLIMIT_NOFILE to the hard limit, and lower ``max_connections`` so that WebSocket
+    connections leave room for HTTP ones (a twentieth of the room, at least 64). HTTP connections are
+    refused (503) whenever both kinds together would not fit (:func:`fd_room`), and beyond
+    ``max_http_connections`` when that is set. ``max_connections = 0`` (unlimited) is the operator's
+    choice and is kept, with a warning in the line. Returns the line to log."""
     try:
         import resource
     except ImportError:  # pragma: no cover - Windows
@@ -258,15 +285,11 @@ def fit_open_files(settings: Settings) -> str:
             soft = target
         except (ValueError, OSError) as exc:
             raised = f" (could not raise it to {hard}: {exc})"
-    room = max(4, soft - fd_reserve(soft))
+    room = fd_room()
     line = f"open files: limit {soft}{raised}"
-    http = settings.max_http_connections
-    if not http or http > room // 4:
-        line += f"; max_http_connections {http or 'unlimited'} lowered to {room // 4}"
-        http = settings.max_http_connections = max(1, room // 4)
-    budget = max(2, room - http)
+    budget = max(2, room - max(64, room // 20))
     if not settings.max_connections:
-        line += f"; max_connections unlimited: more than {budget} WebSocket connections will fail to accept"
+        line += f"; max_connections unlimited: more than {budget} WebSocket connections may not fit"
     elif settings.max_connections > budget:
         line += (
             f"; max_connections {settings.max_connections} lowered to {budget} so that WebSocket and HTTP "

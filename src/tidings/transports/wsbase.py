@@ -200,7 +200,10 @@ class WsProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------------------ sending
 
     def push(self, item: Publication | Event) -> None:
-        frame = encoded(item, self.format)
+        try:  # the fan-out's hot path: the bytes of this format are usually built already
+            frame = item.cache[self.format]  # type: ignore[index]
+        except (KeyError, TypeError):  # not yet (TypeError: no cache at all yet)
+            frame = encoded(item, self.format)
         if frame is not None:
             self.offer(frame)
 
