@@ -93,12 +93,15 @@ class Subscription:
         self._active = False
         self._queue.put_nowait(None)
 
+    end_reason = ""  # why the server ended it (an ``unsubscribe`` push), if it did
+
     async def get(self, timeout: float | None = None) -> Publication:
         """The next publication (raises ClientClosed when the subscription ended)."""
         item = await asyncio.wait_for(self._queue.get(), timeout)
         if item is None:
             self._queue.put_nowait(None)
-            raise ClientClosed(f"subscription to {self.channel} ended")
+            why = f": {self.end_reason}" if self.end_reason else ""
+            raise ClientClosed(f"subscription to {self.channel} ended{why}")
         return item
 
     def __aiter__(self) -> AsyncIterator[Publication]:
@@ -367,4 +370,15 @@ class Client:
                     fut.set_result(obj)
             elif kind == "disconnect":
                 log.info("server disconnect: %s %s", obj.get("code"), obj.get("reason"))
+            elif kind == "unsubscribe":  # the server ended one subscription: its rights ended
+                sub = self.subscriptions.pop(obj.get("channel", ""), None)
+                log.warning(
+                    "the server ended the subscription to %s: %s (%s)",
+                    obj.get("channel"),
+                    obj.get("code"),
+                    obj.get("reason"),
+                )
+                if sub is not None:
+                    sub.end_reason = f"{obj.get('code')}: {obj.get('reason')}"
+                    sub._end()
         return ws.close_code

@@ -200,12 +200,21 @@ class WsProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------------------ sending
 
     def push(self, item: Publication | Event) -> None:
-        try:  # the fan-out's hot path: the bytes of this format are usually built already
+        """The fan-out's hot path, once per subscriber: :meth:`offer` with its common case inlined."""
+        try:  # the bytes of this format are usually built already
             frame = item.cache[self.format]  # type: ignore[index]
         except (KeyError, TypeError):  # not yet (TypeError: no cache at all yet)
             frame = encoded(item, self.format)
-        if frame is not None:
-            self.offer(frame)
+        if frame is None or self._closing:
+            return
+        size = self._buffered + len(frame)
+        if size + self._tbuf > self.node.settings.max_buffer:
+            self.offer(frame)  # the limit's rule
+            return
+        if not self._buffer:
+            self._flusher.mark(self)
+        self._buffer.append(frame)
+        self._buffered = size
 
     def offer(self, frame: bytes) -> bool:
         """Queue a frame without blocking; False when closed, or when the peer is too slow (closed 4008).

@@ -547,6 +547,13 @@
         case "disconnect":
           this._lastDisconnect = { code: msg.code, reason: msg.reason || "", reconnect: !!msg.reconnect };
           return;
+        case "unsubscribe": {
+          // The server ended one subscription (its token expired or its rights were withdrawn).
+          var ended = this._subs.get(msg.channel);
+          if (ended) this._subs.delete(msg.channel);
+          this._emit("unsubscribed", { channel: msg.channel, code: msg.code, reason: msg.reason || "", resubscribe: !!msg.resubscribe });
+          return;
+        }
         default:
           this._emit("push", msg);
       }
