@@ -94,12 +94,18 @@ class Settings:
     max_connections: int = 100_000
     max_connections_per_ip: int = 1000
     max_subscriptions: int = 512
+    max_fragments: int = 1024  # frames of one incoming WebSocket message
+    ws_frame_rate: float = 1000.0  # incoming WebSocket frames per second per connection (burst: twice that)
+    ws_inflate_rate: float = (
+        4194304.0  # bytes per second that inflating one connection's messages may produce
+    )
     client_rate: float = 100.0  # commands per second per connection (burst: twice that)
     user_rate: float = 200.0  # commands per second per user over all their connections
     api_failures_per_minute: int = 10  # failed API key attempts per address before 429
     header_timeout: float = 10.0  # seconds to send the request headers
     ping_interval: float = 25.0
     compression: bool = False
+    echo_raw: bool = False  # /websocket echoes messages verbatim (text and binary), for conformance suites
     sqlite_synchronous: str = "normal"
     log_level: str = "info"
     namespaces: dict[str, Namespace] = field(default_factory=_default_namespaces)
@@ -133,12 +139,16 @@ _SCALARS: dict[str, type] = {
     "max_connections": int,
     "max_connections_per_ip": int,
     "max_subscriptions": int,
+    "max_fragments": int,
+    "ws_frame_rate": float,
+    "ws_inflate_rate": float,
     "client_rate": float,
     "user_rate": float,
     "api_failures_per_minute": int,
     "header_timeout": float,
     "ping_interval": float,
     "compression": bool,
+    "echo_raw": bool,
     "sqlite_synchronous": str,
     "log_level": str,
 }

@@ -18,7 +18,8 @@ import orjson
 from aiohttp import web
 
 from ..node import Node
-from ..protocol import ProtocolError, Publication, text_frame
+from ..protocol import ProtocolError, Publication, deflate_payload, text_frame
+from ..protocol.frames import OP_BINARY, OP_TEXT, data_frame
 from .flush import Flusher
 from .wsbase import WsProtocol, upgrade
 
@@ -144,12 +145,28 @@ CHAT_BRIDGE = web.AppKey("tidings.chat_bridge", ChatBridge)
 
 
 class EchoSocket(WsProtocol):
-    """/websocket: every text frame comes back as ``You said: <text>``."""
+    """/websocket: every text frame comes back as ``You said: <text>``; with ``echo_raw``, every text and
+    binary message comes back verbatim (for the Autobahn conformance suite).
+
+    On a compressed connection every reply is compressed too, so what goes out stays about as large as
+    what came in (an 81-byte frame that inflates to 64 KiB is answered with about 81 bytes, not 64 KiB)."""
 
     __slots__ = ()
 
+    def _echo(self, opcode: int, payload: bytes) -> None:
+        if self.deflate:
+            self.offer(data_frame(opcode, deflate_payload(payload), compressed=True))
+        else:
+            self.offer(data_frame(opcode, payload))
+
     def on_text(self, payload: bytes) -> None:
-        self.offer(text_frame(b"You said: " + payload))
+        self._echo(OP_TEXT, payload if self.node.settings.echo_raw else b"You said: " + payload)
+
+    def on_binary(self, payload: bytes) -> None:
+        if self.node.settings.echo_raw:
+            self._echo(OP_BINARY, payload)
+        else:
+            super().on_binary(payload)  # the demo is text only: 1003
 
 
 async def echo_handler(request: web.Request) -> web.StreamResponse:
