@@ -72,9 +72,10 @@ def test_messages_pings_and_the_peers_close() -> None:
         CloseReceived(1001, "bye"),
     ]
     assert c.state is State.CLOSING
-    assert c.send_pong(b"p") == b""  # no more pongs once the peer closed
+    assert c.send_pong(b"p") == b"\x8a\x01p"  # the ping came before the close: answered
     assert sent_close(c.data_to_send()) == 1001  # its own code, echoed
     assert c.state is State.CLOSED
+    assert c.send_pong(b"p") == b""  # nothing after our close
     assert c.data_to_send() == b""
     assert c.receive_data(client_frame(b"x")) == []
 
@@ -158,7 +159,9 @@ def test_good_frames_before_a_bad_one_come_first() -> None:
     events = c.receive_data(data)
     assert events[:2] == [Ping(b"p"), Message(Opcode.TEXT, b"hello")]
     assert isinstance(events[2], ConnectionFailed) and events[2].code == 1002
+    assert c.send_pong(b"p") == b"\x8a\x01p"
     assert sent_close(c.data_to_send()) == 1002
+    assert c.send_pong(b"p") == b""
 
 
 def test_parser_returns_good_frames_and_the_error() -> None:

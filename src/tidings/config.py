@@ -95,7 +95,7 @@ class Settings:
     max_connections_per_ip: int = 1000
     max_subscriptions: int = 512
     max_fragments: int = 1024  # frames of one incoming WebSocket message
-    ws_frame_rate: float = 1000.0  # incoming WebSocket frames per second per connection (burst: twice that)
+    ws_frame_rate: float = 5000.0  # incoming WebSocket frames per second per connection (burst: twice that)
     ws_inflate_rate: float = (
         4194304.0  # bytes per second that inflating one connection's messages may produce
     )

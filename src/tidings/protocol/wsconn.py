@@ -123,7 +123,16 @@ class Connection:
     (above: 4030); 0 is unlimited. ``deflate``: permessage-deflate with no context takeover was negotiated.
     """
 
-    __slots__ = ("_parser", "_pending", "_pending_code", "close_rcvd", "close_sent", "failure", "state")
+    __slots__ = (
+        "_eof",
+        "_parser",
+        "_pending",
+        "_pending_code",
+        "close_rcvd",
+        "close_sent",
+        "failure",
+        "state",
+    )
 
     def __init__(
         self,
@@ -147,6 +156,7 @@ class Connection:
         self.failure: ConnectionFailed | None = None
         self._pending = b""  # what the rules require us to send next (an answer to a close)
         self._pending_code = 0
+        self._eof = False
 
     @property
     def held(self) -> int:
@@ -178,8 +188,9 @@ class Connection:
         return events
 
     def receive_eof(self) -> None:
-        """The peer closed its side of the TCP connection."""
+        """The peer closed its side of the TCP connection (or the connection is gone)."""
         self.state = State.CLOSED
+        self._eof = True
         self._pending = b""
 
     def _on_close(self, payload: bytes) -> Event:
@@ -210,8 +221,8 @@ class Connection:
         ev = ConnectionFailed(code, reason)
         self.failure = ev
         if self.close_sent is None:
-            self.close_sent = code
             self._pending = close_frame(code, reason)
+            self._pending_code = code
         self.state = State.CLOSED
         return ev
 
@@ -221,19 +232,20 @@ class Connection:
         """The frame the rules require now (the answer to the peer's close, or the close frame of a
         failure), once; ``b""`` when there is none."""
         out, self._pending = self._pending, b""
-        if out and self.close_rcvd is not None and self.close_sent is None:
+        if out:
             self.close_sent = self._pending_code
             self.state = State.CLOSED
         return out
 
     def send_close(self, code: int, reason: str = "") -> bytes:
         """Our close frame, to write after whatever is queued; ``b""`` if a close was already sent.
-        Answers a peer's close that :meth:`data_to_send` has not answered yet, with this code."""
-        if self.close_sent is not None or self.state is State.CLOSED:
+        It replaces an answer :meth:`data_to_send` has not given yet (to the peer's close, or of a
+        failure): the application closed while handling events that came before."""
+        if self.close_sent is not None or self._eof:
             return b""
         self.close_sent = code
         self._pending = b""
-        if self.close_rcvd is not None:
+        if self.close_rcvd is not None or self.failure is not None:
             self.state = State.CLOSED
         else:
             self.state = State.CLOSING
@@ -241,7 +253,10 @@ class Connection:
         return close_frame(code, reason)
 
     def send_ping(self, data: bytes = b"") -> bytes:
+        """A ping frame; ``b""`` once closing."""
         return control_frame(OP_PING, data) if self.state is State.OPEN else b""
 
     def send_pong(self, data: bytes) -> bytes:
-        return control_frame(OP_PONG, data) if self.state is State.OPEN else b""
+        """A pong frame; ``b""`` once our close frame is sent (a ping that came before the peer's close
+        or before a broken frame is still answered)."""
+        return control_frame(OP_PONG, data) if self.close_sent is None and not self._eof else b""
