@@ -55,6 +55,7 @@ async def test_peer_close_with_queued_data_is_dropped_after_the_grace(
     monkeypatch.setattr(wsbase, "CLOSE_GRACE", 0.5)
     srv = await start_server(max_buffer=256 << 20)
     _, writer = await raw_upgrade(srv.port, rcvbuf=4096, path="/websocket")
+    writer.transport.pause_reading()  # read nothing more, ever
     frame = client_frame(b"x" * 60000)
     for _ in range(300):  # 18 MB of echoes: far more than the kernel buffers hold
         writer.write(frame)
@@ -76,6 +77,7 @@ async def test_server_close_with_queued_data_is_dropped_after_the_grace(
     monkeypatch.setattr(wsbase, "CLOSE_GRACE", 0.5)
     srv = await start_server(max_buffer=256 << 20)
     _, writer = await raw_upgrade(srv.port, rcvbuf=4096, path="/websocket")
+    writer.transport.pause_reading()  # read nothing more, ever
     for _ in range(300):
         writer.write(client_frame(b"x" * 60000))
         await writer.drain()

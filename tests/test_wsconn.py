@@ -279,3 +279,37 @@ def test_one_message_of_the_largest_size_always_fits() -> None:
 def test_uncompressed_data_does_not_spend_the_inflate_budget() -> None:
     c = Connection(65536, inflate_rate=1000)
     assert len(c.receive_data(client_frame(b"a" * 60000) * 10)) == 10
+
+
+def test_inflating_stops_at_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inflating is never asked for more than the bytes left in the budget (plus one, to see the
+    excess), so the work one read can cause is bounded by the budget, not by frames x max_size."""
+    import zlib
+
+    from tidings.protocol import frames
+
+    asked: list[int] = []
+
+    class Inflater:
+        def __init__(self, wbits: int) -> None:
+            self.d = zlib.decompressobj(wbits)
+            self.unconsumed_tail = b""
+
+        def decompress(self, data: bytes, max_length: int) -> bytes:
+            asked.append(max_length)
+            out = self.d.decompress(data, max_length)
+            self.unconsumed_tail = self.d.unconsumed_tail
+            return out
+
+    class Zlib:
+        MAX_WBITS = zlib.MAX_WBITS
+        error = zlib.error
+        decompressobj = Inflater
+
+    frame = client_frame(deflate_payload(b"[" * 400_000), OP_BINARY, rsv1=True)
+    monkeypatch.setattr(frames, "zlib", Zlib)
+    c = Connection(1 << 20, deflate=True, inflate_rate=150_000)  # bursts of 1 MiB (max_size)
+    events = c.receive_data(frame * 10)
+    assert [type(e) for e in events] == [Message, Message, ConnectionFailed]
+    assert events[-1] == ConnectionFailed(4030, "too many inflated bytes per second")
+    assert asked[-1] <= (1 << 20) - 800_000 + 1  # the third inflate was cut at what was left
