@@ -20,7 +20,7 @@ from tidings.protocol.frames import (
 )
 
 from .conftest import Server
-from .rawws import client_frame
+from .rawws import client_frame, read_frame
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
@@ -94,8 +94,13 @@ def test_server_frames_are_unmasked_and_sized() -> None:
 
 
 async def test_close_codes_are_answered_per_rfc(server: Server) -> None:
-    """A valid close code is echoed; an invalid one (reserved or out of range) is answered with 1002."""
-    for sent, answered in [(1000, 1000), (4001, 4001), (3000, 3000), (1005, 1002), (999, 1002), (5000, 1002)]:
+    """A valid close code is echoed (1012-1014 are registered: valid); an invalid one (reserved or out of
+    range) is answered with 1002; a reason that is not UTF-8 with 1007 (Autobahn 7.5.1)."""
+    not_utf8 = b"\xce\xba\xe1\xbd\xb9\xed\xa0\x80"
+    cases = [(1000, b"", 1000), (4001, b"", 4001), (3000, b"", 3000), (1005, b"", 1002), (999, b"", 1002),
+             (5000, b"", 1002), (1012, b"", 1012), (1013, b"", 1013), (1014, b"", 1014), (1015, b"", 1002),
+             (1004, b"", 1002), (1000, b"ok \xce\xba", 1000), (1000, not_utf8, 1007)]  # fmt: skip
+    for sent, why, answered in cases:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(
             b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -103,8 +108,8 @@ async def test_close_codes_are_answered_per_rfc(server: Server) -> None:
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # the RFC 6455 §1.3 example
-        writer.write(client_frame(struct.pack("!H", sent), OP_CLOSE))
-        frame = await asyncio.wait_for(reader.readexactly(4), 5)
-        assert frame[0] == 0x88 and struct.unpack("!H", frame[2:4])[0] == answered
+        writer.write(client_frame(struct.pack("!H", sent) + why, OP_CLOSE))
+        op, payload = await asyncio.wait_for(read_frame(reader), 5)
+        assert op == OP_CLOSE and struct.unpack("!H", payload[:2])[0] == answered, (sent, why, payload)
         assert await asyncio.wait_for(reader.read(), 5) == b""  # then the server closes the socket
         writer.close()

@@ -17,6 +17,7 @@ from .transports.flush import FLUSHER, Flusher
 from .transports.http_api import api_routes, error_middleware
 from .transports.pages import page_routes, security_headers
 from .transports.seed import chatsocket_handler, echo_handler
+from .transports.server import check_aiohttp
 from .transports.websocket import ws_handler
 from .transports.wsbase import HEARTBEAT, Heartbeat
 
@@ -28,6 +29,7 @@ SHUTDOWN_GRACE = 3.0
 
 def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
     """A ready aiohttp application. ``broker`` overrides the one named by ``settings.broker_url``."""
+    check_aiohttp()
     opts = BrokerOptions(
         sqlite_synchronous=settings.sqlite_synchronous,
         history_cache_bytes=settings.history_cache_bytes,

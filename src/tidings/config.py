@@ -103,6 +103,11 @@ class Settings:
     max_history_bytes: int = (
         1 << 30
     )  # bytes of history stored in all; the least recently used channels lose theirs first
+    max_fragments: int = 1024  # frames of one incoming WebSocket message
+    ws_frame_rate: float = 5000.0  # incoming WebSocket frames per second per connection (burst: twice that)
+    ws_inflate_rate: float = (
+        4194304.0  # bytes per second that inflating one connection's messages may produce
+    )
     client_rate: float = 100.0  # commands per second per connection (burst: twice that)
     user_rate: float = 200.0  # commands per second per user over all their connections
     api_failures_per_minute: int = 10  # failed API key attempts per address before 429
@@ -111,6 +116,7 @@ class Settings:
     keepalive_timeout: float = 75.0  # seconds an idle HTTP keep-alive connection stays open
     ping_interval: float = 25.0
     compression: bool = False
+    echo_raw: bool = False  # /websocket echoes messages verbatim (text and binary), for conformance suites
     sqlite_synchronous: str = "normal"
     log_level: str = "info"
     namespaces: dict[str, Namespace] = field(default_factory=_default_namespaces)
@@ -156,6 +162,9 @@ _SCALARS: dict[str, type] = {
     "max_subscriptions": int,
     "history_cache_bytes": int,
     "max_history_bytes": int,
+    "max_fragments": int,
+    "ws_frame_rate": float,
+    "ws_inflate_rate": float,
     "client_rate": float,
     "user_rate": float,
     "api_failures_per_minute": int,
@@ -164,6 +173,7 @@ _SCALARS: dict[str, type] = {
     "keepalive_timeout": float,
     "ping_interval": float,
     "compression": bool,
+    "echo_raw": bool,
     "sqlite_synchronous": str,
     "log_level": str,
 }

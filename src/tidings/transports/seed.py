@@ -19,7 +19,8 @@ from aiohttp import web
 
 from ..backends.base import BrokerError
 from ..node import Node
-from ..protocol import CloseCode, ErrorCode, Event, ProtocolError, Publication, text_frame
+from ..protocol import CloseCode, ErrorCode, Event, ProtocolError, Publication, deflate_payload, text_frame
+from ..protocol.frames import OP_BINARY, OP_TEXT, data_frame
 from ..subscriptions import SubscribeOutcome
 from .flush import Flusher
 from .wsbase import WsProtocol, upgrade
@@ -148,14 +149,30 @@ def _log_failure(result: list[Publication] | BrokerError) -> None:
 
 
 class EchoSocket(WsProtocol):
-    """/websocket: every text frame comes back as ``You said: <text>``, within the connection's command
-    budget (a client that keeps sending past it is closed with 4030)."""
+    """/websocket: every text frame comes back as ``You said: <text>``; with ``echo_raw``, every text and
+    binary message comes back verbatim (for the Autobahn conformance suite). Every message spends the
+    connection's command budget (a client that keeps sending past it is closed with 4030).
+
+    On a compressed connection every reply is compressed too, so what goes out stays about as large as
+    what came in (an 81-byte frame that inflates to 64 KiB is answered with about 81 bytes, not 64 KiB)."""
 
     __slots__ = ()
 
+    def _echo(self, opcode: int, payload: bytes) -> None:
+        if self.deflate:
+            self.offer(data_frame(opcode, deflate_payload(payload), compressed=True))
+        else:
+            self.offer(data_frame(opcode, payload))
+
     def on_text(self, payload: bytes) -> None:
         if self.spend():
-            self.offer(text_frame(b"You said: " + payload))
+            self._echo(OP_TEXT, payload if self.node.settings.echo_raw else b"You said: " + payload)
+
+    def on_binary(self, payload: bytes) -> None:
+        if not self.node.settings.echo_raw:
+            super().on_binary(payload)  # the demo is text only: 1003
+        elif self.spend():
+            self._echo(OP_BINARY, payload)
 
 
 async def echo_handler(request: web.Request) -> web.StreamResponse:

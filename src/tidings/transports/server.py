@@ -36,7 +36,7 @@ from ..limits import ConnectionLimiter, in_networks, parse_networks
 from ..node import NODE
 from .pages import add_security_headers
 
-__all__ = ["fit_open_files", "log_accept_errors", "make_runner"]
+__all__ = ["AIOHTTP_RANGE", "check_aiohttp", "fit_open_files", "log_accept_errors", "make_runner"]
 
 log = logging.getLogger("tidings.http")
 LOG_EVERY = 10.0  # seconds between two log lines of the same kind
@@ -49,6 +49,44 @@ _REFUSAL = (
     % (len(_REFUSAL_TEXT), _REFUSAL_TEXT)
 )
 _last_logged: dict[str, float] = {}
+
+
+# The aiohttp versions whose private attributes below were checked (pyproject.toml pins the same range):
+# 3.14.5 runs the test suite; 3.9-3.13 have all but `_upgraded` (BaseProtocol gained it in 3.14).
+AIOHTTP_RANGE = ">=3.14,<3.15"
+# What transports/wsbase.upgrade() and this module use of aiohttp's request handler, beyond its API:
+_HANDLER_ATTRS = (
+    "_message_tail",  # bytes after the upgrade request in the same read: the first WebSocket frames
+    "transport",  # set to None so that aiohttp lets go of the socket it no longer owns
+    "connection_lost",  # called to release the handler once the socket is handed over
+    "_request_count",  # header deadline: a request was read
+    "_upgraded",  # header deadline: the connection was upgraded
+    "_loop",
+)
+
+
+def _attributes(cls: type) -> set[str]:
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        slots = getattr(klass, "__slots__", ())
+        names.update((slots,) if isinstance(slots, str) else slots)
+        names.update(vars(klass))
+    return names
+
+
+def check_aiohttp(handler_class: type = RequestHandler, version: str | None = None) -> None:
+    """Fail loudly, at start-up, when aiohttp lacks what the WebSocket take-over relies on."""
+    missing = [a for a in _HANDLER_ATTRS if a not in _attributes(handler_class)]
+    if not hasattr(web.AppRunner, "_make_server"):
+        missing.append("AppRunner._make_server")
+    if missing:
+        import aiohttp
+
+        raise RuntimeError(
+            f"tidings needs aiohttp {AIOHTTP_RANGE}: aiohttp {version or aiohttp.__version__} has no "
+            f"{', '.join(missing)} (used to take WebSocket connections over from its request handler); "
+            "install a supported aiohttp"
+        )
 
 
 def _log_limited(key: str, msg: str, *args: Any, level: int = logging.WARNING) -> None:
@@ -233,6 +271,8 @@ class _Runner(web.AppRunner):
             attrs["room"] = fd_room()
             attrs["trusted"] = parse_networks(settings.trusted_proxies)
         server = await super()._make_server()
+        if not all(hasattr(server, a) for a in ("_loop", "_kwargs")):
+            check_aiohttp(type("Missing", (), {}))  # raises the same clear message
         server.__class__ = _Server
         server.handler_class = type("Handler", (_EdgeHandler,), attrs)  # type: ignore[attr-defined]
         return server

@@ -24,16 +24,14 @@ from ..limits import client_ip
 from ..node import NODE, Node
 from ..policy import Session
 from ..protocol import CLOSE_REASONS, CloseCode, ErrorCode, Event, Format, Publication, encoded
-from ..protocol.frames import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    FrameError,
-    FrameParser,
-    close_frame,
-    control_frame,
+from ..protocol.wsconn import (
+    CloseReceived,
+    Connection,
+    ConnectionFailed,
+    Message,
+    Opcode,
+    Ping,
+    State,
 )
 from .flush import FLUSHER, Flusher
 from .formats import ws_frame, ws_zframe
@@ -54,6 +52,7 @@ log = logging.getLogger("tidings.ws")
 MAX_REFUSED = 50  # commands over the budget in a row before the connection is closed with 4030
 CLOSE_GRACE = 5.0  # seconds a closing peer gets to take its last frames before the socket is aborted
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+_CLOSE_CODES = frozenset(int(c) for c in CloseCode)
 
 
 def token_close_code(exc: TokenError) -> CloseCode:
@@ -74,9 +73,9 @@ class WsProtocol(asyncio.Protocol):
         "_buffer",
         "_buffered",
         "_closing",
+        "_conn",
         "_drained",
         "_flusher",
-        "_parser",
         "_refused",
         "_tbuf",
         "client_id",
@@ -106,7 +105,14 @@ class WsProtocol(asyncio.Protocol):
         self.format: Format = ws_zframe if deflate else ws_frame
         self._drained: asyncio.Future[None] | None = None  # set while a replay waits for the drain
         self._refused = 0
-        self._parser = FrameParser(node.settings.max_message_size, deflate=deflate)
+        settings = node.settings
+        self._conn = Connection(  # the WebSocket rules, sans I/O; this object only moves bytes
+            settings.max_message_size,
+            deflate=deflate,
+            max_fragments=settings.max_fragments,
+            frame_rate=settings.ws_frame_rate,
+            inflate_rate=settings.ws_inflate_rate,
+        )
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._tbuf = 0  # the transport's buffer after the last flush: an upper bound until the next one
@@ -186,6 +192,10 @@ class WsProtocol(asyncio.Protocol):
     def detach(self) -> None:
         """Leave every channel (runs on the loop soon after closing starts, never inside close())."""
         self.node.subscriptions.drop(self)
+
+    def on_binary(self, payload: bytes) -> None:
+        """A complete binary message arrived; by default refused (1003)."""
+        self.close(CloseCode.UNSUPPORTED_DATA)
 
     def allow_ping(self) -> bool:
         return True
@@ -279,18 +289,29 @@ class WsProtocol(asyncio.Protocol):
         (or after CLOSE_GRACE seconds)."""
         if self._closing:
             return
-        self._closing = True
         reason = reason or CLOSE_REASONS.get(code, "")
-        if code != CloseCode.NORMAL:
+        self._shut(int(code), reason, self._conn.send_close(int(code), reason), ours=True)
+
+    def _shut(self, code: int, reason: str, frame: bytes, *, ours: bool) -> None:
+        """The one close path, whoever started closing: the last frames go out after what is queued,
+        the rest of the server lets go of this connection, and the socket is closed once the close
+        handshake is done (or the connection failed), and aborted CLOSE_GRACE seconds from now at the
+        latest, whether or not the peer reads."""
+        self._closing = True
+        if ours and code != CloseCode.NORMAL:
             log.info("closing %s (%s): %d %s", self.client_id, self.ip, code, reason)
-        # The last frames go out even past the buffer limit: they are the last this peer gets.
-        words = self.last_words(code, reason)
-        if words is not None:
-            self._buffer.append(words)
-        self._buffer.append(close_frame(int(code), reason))
+        if ours and frame and code in _CLOSE_CODES:
+            # The last frames go out even past the buffer limit: they are the last this peer gets.
+            words = self.last_words(CloseCode(code), reason)
+            if words is not None:
+                self._buffer.append(words)
+        if frame:
+            self._buffer.append(frame)
         self.flush()
         self._detach_soon()
         self._abort_handle = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
+        if self._conn.state is State.CLOSED:
+            self.transport.close()
 
     def _detach_soon(self) -> None:
         """Closing never calls back into the hub from inside the call that closed (it may be the hub's
@@ -301,38 +322,47 @@ class WsProtocol(asyncio.Protocol):
     def ping(self) -> None:
         if not self._closing:
             self.pinged = True
-            self.offer(control_frame(OP_PING))
+            self.offer(self._conn.send_ping())
 
     # ------------------------------------------------------------------------------ asyncio.Protocol
 
     def data_received(self, data: bytes) -> None:
         self.rx = True
         self.pinged = False
-        try:
-            frames = self._parser.feed(data)
-        except FrameError as exc:
-            self._protocol_error(exc.code, exc.reason)
-            return
-        for opcode, payload in frames:
+        conn = self._conn
+        events = conn.receive_data(data)
+        for ev in events:
             if self._closing:
-                if opcode == OP_CLOSE:
-                    self.transport.close()
-                return
-            if opcode == OP_TEXT:
-                self.on_text(payload)
-            elif opcode == OP_PING:
-                if self.allow_ping():
-                    self.offer(control_frame(OP_PONG, payload))
-            elif opcode == OP_CLOSE:
-                self._on_close_frame(payload)
-            elif opcode == OP_BINARY:
-                self.close(CloseCode.UNSUPPORTED_DATA)
-            # OP_PONG: being alive is all it says
-        if frames:
+                break  # closing: only the peer's close still counts, and the connection has it
+            if type(ev) is Message:
+                if ev.opcode is Opcode.TEXT:
+                    self.on_text(ev.data)
+                else:
+                    self.on_binary(ev.data)
+            elif type(ev) is Ping and self.allow_ping():
+                self.offer(conn.send_pong(ev.data))
+            # Pong: being alive is all it says. CloseReceived, ConnectionFailed: below.
+        if events:
             self.after_frames()
+        if conn.state is State.OPEN:
+            return
+        # The peer closed, or broke a rule: answer after everything queued so far.
+        frame = conn.data_to_send()
+        if not self._closing and events:
+            last = events[-1]
+            if type(last) is ConnectionFailed:
+                self._shut(last.code, last.reason, frame, ours=True)
+            else:
+                assert type(last) is CloseReceived
+                self._shut(conn.close_sent or CloseCode.NORMAL, "", frame, ours=False)
+        elif conn.state is State.CLOSED:
+            if frame:  # the peer's close crossed ours (never: ours was sent), or a failure
+                self.transport.write(frame)
+            self.transport.close()
 
     def eof_received(self) -> bool | None:
-        return False
+        self._conn.receive_eof()
+        return False  # asyncio closes the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         node = self.node
@@ -341,39 +371,13 @@ class WsProtocol(asyncio.Protocol):
             self.counted = False
             node.conn_limits.release(self.ip)
         self._closing = True
+        self._conn.receive_eof()
         self.detach()
         self._wake()
         if self._abort_handle is not None:
             self._abort_handle.cancel()
+            self._abort_handle = None
         self._buffer.clear()
-
-    def _protocol_error(self, code: int, reason: str) -> None:
-        """_Fail the WebSocket connection_ (RFC 6455 §7.1.7): close frame, then close the socket."""
-        if not self._closing:
-            self._closing = True
-            log.info("closing %s (%s): %d %s", self.client_id, self.ip, code, reason)
-            self.flush()
-            self.transport.write(close_frame(code, reason))
-            self._detach_soon()
-            self._abort_handle = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
-        self.transport.close()
-
-    def _on_close_frame(self, payload: bytes) -> None:
-        """Answer the peer's close: with its code when that is a valid one (RFC 6455 §7.4), else 1002."""
-        if len(payload) == 1:
-            code = 1002
-        elif not payload:
-            code = 1000
-        else:
-            code = int.from_bytes(payload[:2], "big")
-            valid = 1000 <= code <= 1003 or 1007 <= code <= 1011 or 3000 <= code <= 4999
-            if not valid:
-                code = 1002
-        self._closing = True
-        self.flush()
-        self.transport.write(close_frame(code))
-        self._detach_soon()
-        self.transport.close()
 
 
 class Heartbeat:
@@ -415,14 +419,19 @@ def _handshake_error(text: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=text + "\n", headers={"Sec-WebSocket-Version": "13"})
 
 
+def _tokens(request: web.Request, name: str) -> set[str]:
+    """A header's comma-separated tokens (RFC 9110 §5.6.1), lower-cased, over all its lines."""
+    return {t.strip().lower() for line in request.headers.getall(name, ()) for t in line.split(",")} - {""}
+
+
 def _accept(request: web.Request) -> bytes:
     """Check the upgrade request (RFC 6455 §4.2.1) and return the Sec-WebSocket-Accept value."""
     h = request.headers
     if request.method != "GET":
         raise web.HTTPMethodNotAllowed(request.method, ["GET"])
-    if "websocket" not in h.get("Upgrade", "").lower():
+    if "websocket" not in _tokens(request, "Upgrade"):
         raise _handshake_error("expected a WebSocket upgrade (Upgrade: websocket)")
-    if "upgrade" not in h.get("Connection", "").lower():
+    if "upgrade" not in _tokens(request, "Connection"):
         raise _handshake_error("expected Connection: Upgrade")
     if h.get("Sec-WebSocket-Version") != "13":
         raise _handshake_error("only WebSocket version 13 is supported")
@@ -436,15 +445,48 @@ def _accept(request: web.Request) -> bytes:
     return base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest())
 
 
+_DEFLATE_PARAMS = frozenset(
+    {
+        "server_no_context_takeover",
+        "client_no_context_takeover",
+        "server_max_window_bits",
+        "client_max_window_bits",
+    }
+)
+
+
+def _deflate_offer_ok(params: list[str]) -> bool:
+    """One permessage-deflate offer's parameters (RFC 7692 §7.1): each known, at most once, with a valid
+    value; and acceptable to us (we compress with the full window, once for every receiver)."""
+    seen: set[str] = set()
+    for param in params:
+        name, eq, value = param.partition("=")
+        name = name.strip().lower()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        if name not in _DEFLATE_PARAMS or name in seen:
+            return False  # unknown or duplicate: decline this offer
+        seen.add(name)
+        if name.endswith("_no_context_takeover"):
+            if eq:
+                return False
+        elif name == "server_max_window_bits":
+            if value != "15":  # 8-14 are valid, but we only compress with a 15-bit window
+                return False
+        elif eq and not (value.isdigit() and len(value) <= 2 and 8 <= int(value) <= 15):
+            return False  # client_max_window_bits: absent value, or 8-15
+    return True
+
+
 def _wants_deflate(request: web.Request) -> bool:
-    """permessage-deflate offered, and acceptable with no context takeover and full windows."""
-    for offer in request.headers.get("Sec-WebSocket-Extensions", "").split(","):
-        params = [p.strip().lower() for p in offer.split(";")]
-        if params[0] != "permessage-deflate":
-            continue
-        if any(p.startswith("server_max_window_bits=") and p != "server_max_window_bits=15" for p in params):
-            continue  # we compress with the full window, once for every receiver
-        return True
+    """A permessage-deflate offer we can accept (with no context takeover both ways) was made; offers
+    with unknown, invalid or duplicate parameters are declined, and the next one is tried."""
+    for line in request.headers.getall("Sec-WebSocket-Extensions", ()):
+        for offer in line.split(","):
+            name, *params = offer.split(";")
+            if name.strip().lower() == "permessage-deflate" and _deflate_offer_ok(params):
+                return True
     return False
 
 
