@@ -59,8 +59,10 @@ def check(results: list[Any], expected_at_least: int) -> Counter[str]:
 
 @pytest.mark.timeout(240)
 async def test_autobahn_fuzzingclient(start_server: ServerFactory) -> None:
-    default = await start_server(echo_raw=True, compression=True)
-    raised = await start_server(echo_raw=True, compression=True, **RAISED)
+    # The cases test the framing; the command budget (client_rate) is policy, not RFC 6455: off here.
+    unbudgeted = {"client_rate": 0.0, "user_rate": 0.0}
+    default = await start_server(echo_raw=True, compression=True, **unbudgeted)
+    raised = await start_server(echo_raw=True, compression=True, **unbudgeted, **RAISED)
     results = await run_cases(
         f"ws://127.0.0.1:{default.port}/websocket", ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "10.*"]
     )
