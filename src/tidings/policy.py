@@ -25,7 +25,7 @@ from .auth import ANONYMOUS, API_ROLE_FOR, Action, Identity, TokenError, TokenVe
 from .backends.base import PublishRequest
 from .config import Namespace, Settings
 from .limits import RateLimiter, TokenBucket
-from .protocol import ErrorCode, ProtocolError, encode_value, is_valid_channel
+from .protocol import ErrorCode, ProtocolError, check_channel, encode_value
 
 __all__ = ["Policy", "Session"]
 
@@ -54,15 +54,7 @@ class Policy:
             known = self._ns_cache.get(channel)
             if known is not None:  # validated before: skip the regex on the hot path
                 return known
-        if channel is None:
-            raise ProtocolError(ErrorCode.INVALID_FIELD, "channel is required", rid)
-        if not is_valid_channel(channel):
-            raise ProtocolError(
-                ErrorCode.INVALID_CHANNEL,
-                "channel must be 1-255 characters of letters, digits and _-:.@/=",
-                rid,
-            )
-        assert isinstance(channel, str)
+        channel = check_channel(channel, rid)
         ns = self.settings.namespace_for(channel)
         if ns is None:
             raise ProtocolError(ErrorCode.UNKNOWN_NAMESPACE, f"no namespace configured for {channel!r}", rid)

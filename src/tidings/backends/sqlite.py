@@ -249,20 +249,31 @@ class SqliteBroker(OneNode):
         finally:
             db.close()
 
+    @staticmethod
+    def _known_meta(
+        db: sqlite3.Connection, meta: dict[str, tuple[str, int]], ch: str
+    ) -> tuple[str, int] | None:
+        """(epoch, top) of a channel that has a stream, from the writer's view or the database; None
+        for a channel nobody published to. Reads only."""
+        m = meta.get(ch)
+        if m is None:
+            row = db.execute("SELECT epoch, top FROM streams WHERE channel=?", (ch,)).fetchone()
+            if row is not None:
+                m = (row[0], row[1])
+        return m
+
     def _stream_meta(
         self, db: sqlite3.Connection, meta: dict[str, tuple[str, int]], ch: str
     ) -> tuple[str, int]:
         m = meta.get(ch)
         if m is None:
-            row = db.execute("SELECT epoch, top FROM streams WHERE channel=?", (ch,)).fetchone()
-            if row is None:
+            m = self._known_meta(db, meta, ch)
+            if m is None:
                 m = (self._empty_epoch, 0)  # the epoch it read as before its first publish
                 db.execute(
                     "INSERT INTO streams(channel, epoch, top, updated) VALUES (?,?,?,?)",
                     (ch, m[0], 0, now_ms()),
                 )
-            else:
-                m = (row[0], row[1])
             if len(meta) > 100_000:
                 meta.clear()
             meta[ch] = m
@@ -340,12 +351,9 @@ class SqliteBroker(OneNode):
     def _load_stream(self, db: sqlite3.Connection, meta: dict[str, tuple[str, int]], item: _Load) -> Stream:
         """A channel's retained publications from the database, for the read cache. A channel nobody
         published to reads as empty in the broker's empty epoch, and nothing is written for it."""
-        known = meta.get(item.channel)
+        known = self._known_meta(db, meta, item.channel)
         if known is None:
-            row = db.execute("SELECT epoch, top FROM streams WHERE channel=?", (item.channel,)).fetchone()
-            if row is None:
-                return Stream(self._empty_epoch, 0)
-            known = (row[0], row[1])
+            return Stream(self._empty_epoch, 0)
         epoch, top = known
         rows = db.execute(
             "SELECT offset, id, time, data, info FROM pubs WHERE channel=? AND expires>? "

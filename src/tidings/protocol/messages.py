@@ -31,6 +31,7 @@ __all__ = [
     "StreamPosition",
     "SubscribeCmd",
     "UnsubscribeCmd",
+    "check_channel",
     "decode_frame",
     "disconnect_push",
     "encode_error",
@@ -341,8 +342,9 @@ def _req_id(obj: dict[str, Any]) -> int | str | None:
     return rid
 
 
-def _channel(obj: dict[str, Any], rid: int | str | None) -> str:
-    ch = obj.get("channel")
+def check_channel(ch: object, rid: int | str | None = None) -> str:
+    """``ch`` if it is a legal channel name; else ProtocolError invalid_field (missing) or
+    invalid_channel. The one check of a channel name, for the parser and the policy gate alike."""
     if ch is None:
         raise ProtocolError(ErrorCode.INVALID_FIELD, "channel is required", rid)
     if not is_valid_channel(ch):
@@ -353,6 +355,10 @@ def _channel(obj: dict[str, Any], rid: int | str | None) -> str:
         )
     assert isinstance(ch, str)
     return ch
+
+
+def _channel(obj: dict[str, Any], rid: int | str | None) -> str:
+    return check_channel(obj.get("channel"), rid)
 
 
 def parse_position(value: object, rid: int | str | None = None) -> StreamPosition:
