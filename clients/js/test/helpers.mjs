@@ -32,10 +32,12 @@ function b64url(buf) {
   return Buffer.from(buf).toString("base64url");
 }
 
-/** An HS256 JWT (claims: sub, exp = now + ttl seconds, and extra). */
+/** An HS256 JWT (claims: sub unless null, exp = now + ttl seconds, and extra). */
 export function mintToken({ sub = "alice", ttl = 300, ...extra } = {}, secret = SECRET) {
   const head = b64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
-  const body = b64url(JSON.stringify({ sub, exp: Math.floor(Date.now() / 1000 + ttl), ...extra }));
+  const claims = { exp: Math.floor(Date.now() / 1000 + ttl), ...extra };
+  if (sub !== null) claims.sub = sub;
+  const body = b64url(JSON.stringify(claims));
   const sig = createHmac("sha256", secret).update(`${head}.${body}`).digest("base64url");
   return `${head}.${body}.${sig}`;
 }
