@@ -479,7 +479,8 @@
       textEl.value = "";
       autosize();
       textEl.focus();
-      client.publish(channel, { body: body, nick: nick }, { timeout: 15000 }).then(function (res) {
+      // Retried with its idempotency key (stored once) for up to 15 s, e.g. across a reconnect.
+      client.publish(channel, { body: body, nick: nick }, { timeout: 15000, deadline: 15000 }).then(function (res) {
         // Show it right away; the push for the same offset is then ignored.
         if (res && Number.isFinite(Number(res.offset)) && (epoch === null || String(res.epoch) === epoch)) {
           insert({ offset: Number(res.offset), id: res.id, time: Date.now(), nick: nick, body: body }, { mine: true });
