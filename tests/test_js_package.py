@@ -48,6 +48,9 @@ def node() -> Iterator[str]:
     if not node or not npm:
         _missing("node and npm are needed (apt-get install nodejs npm)")
     assert node and npm
+    version = run([node, "--version"], JS, 30).stdout.strip()
+    if int(version.lstrip("v").split(".")[0]) < 20:
+        _missing(f"Node >= 20 is needed (node --version: {version})")
     stamp = JS / "node_modules" / ".package-lock.json"
     lock = JS / "package-lock.json"
     if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
