@@ -236,7 +236,10 @@ export interface UnsubscribedEvent {
   channel: string;
   code: ErrorCode | (string & {});
   reason: string;
+  /** true: the grant ended; subscribe again with a fresh token and `since: position`. */
   resubscribe: boolean;
+  /** The last position delivered on the channel, or null. */
+  position: Position | null;
 }
 
 /** Event name → listener arguments. */

@@ -772,7 +772,8 @@ export class Tidings {
     sub.subscribed = false;
     sub.buffer = null;
     if (err) this._emit("error", err);
-    this._emit("unsubscribed", { channel: sub.channel, code: code, reason: reason || "", resubscribe: !!resubscribe });
+    const position = sub.position ? { offset: sub.position.offset, epoch: sub.position.epoch } : null;
+    this._emit("unsubscribed", { channel: sub.channel, code: code, reason: reason || "", resubscribe: !!resubscribe, position: position });
     if (!sub.settled) {
       sub.settled = true;
       sub.reject(err || new TidingsError(code, reason || code, { channel: sub.channel, op: "subscribe" }));

@@ -119,6 +119,7 @@ test("3-second connection and subscription tokens for 20 s at 10/s", { timeout: 
     const end = await ended;
     assert.equal(end.code, "token_expired");
     assert.equal(end.resubscribe, true);
+    assert.equal(end.position.offset, 0); // the last position, to subscribe again from
     assert.deepEqual(c.subscriptions(), []);
 
     console.log(`# A: ${inA.pubs.length} delivered, ${counts.connTokens} connection tokens; B: ${inB.pubs.length} delivered, ${counts.subTokens} subscription tokens; events ${JSON.stringify(events)}`);

@@ -691,7 +691,8 @@ var Tidings = class {
     sub.subscribed = false;
     sub.buffer = null;
     if (err) this._emit("error", err);
-    this._emit("unsubscribed", { channel: sub.channel, code, reason: reason || "", resubscribe: !!resubscribe });
+    const position = sub.position ? { offset: sub.position.offset, epoch: sub.position.epoch } : null;
+    this._emit("unsubscribed", { channel: sub.channel, code, reason: reason || "", resubscribe: !!resubscribe, position });
     if (!sub.settled) {
       sub.settled = true;
       sub.reject(err || new TidingsError(code, reason || code, { channel: sub.channel, op: "subscribe" }));
