@@ -25,7 +25,7 @@ from tidings.backends import (
     SqliteBroker,
     broker_from_url,
 )
-from tidings.backends.base import PublishRequest
+from tidings.backends.base import PublishRequest, PublishResult, Repeat
 from tidings.backends.stream import Stream, now_ms
 from tidings.protocol import Event, Publication, StreamPosition
 from tidings.subscriptions import can_recover
@@ -73,14 +73,14 @@ class RecordingHandler:
 class Done:
     """A ``done`` callback that records every call."""
 
-    calls: list[list[Publication] | BrokerError] = field(default_factory=list)
+    calls: list[PublishResult | BrokerError] = field(default_factory=list)
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def __call__(self, result: list[Publication] | BrokerError) -> None:
+    def __call__(self, result: PublishResult | BrokerError) -> None:
         self.calls.append(result)
         self.event.set()
 
-    async def wait(self) -> list[Publication] | BrokerError:
+    async def wait(self) -> PublishResult | BrokerError:
         async with asyncio.timeout(WAIT):
             await self.event.wait()
         assert len(self.calls) == 1
@@ -94,20 +94,29 @@ class Fixture:
     handler: RecordingHandler
     db: Path | None
 
-    async def publish(self, *reqs: PublishRequest) -> list[Publication]:
+    async def publish_any(self, *reqs: PublishRequest) -> PublishResult:
         done = Done()
         self.broker.publish_many(list(reqs), done)
         result = await done.wait()
         assert not isinstance(result, BrokerError), result
         return result
 
+    async def publish(self, *reqs: PublishRequest) -> list[Publication]:
+        pubs = await self.publish_any(*reqs)
+        assert all(isinstance(p, Publication) for p in pubs)
+        return [p for p in pubs if isinstance(p, Publication)]
+
     async def publish_one(self, channel: str, data: object, opts: HistoryOptions = OPTS) -> Publication:
         (pub,) = await self.publish(req(channel, data, opts))
         return pub
 
 
-def req(channel: str, data: object, opts: HistoryOptions = OPTS) -> PublishRequest:
-    return PublishRequest(channel, orjson.dumps(data), opts)
+def req(channel: str, data: object, opts: HistoryOptions = OPTS, key: str | None = None) -> PublishRequest:
+    return PublishRequest(channel, orjson.dumps(data), opts, key=key)
+
+
+def ids(p: Publication | Repeat) -> tuple[str, int, str, str]:
+    return (p.channel, p.offset, p.epoch, p.id)
 
 
 def url_for(kind: str, tmp_path: Path) -> str:
@@ -321,6 +330,107 @@ async def test_reads_never_write(fx: Fixture) -> None:
     # and a publish afterwards still lands in the epoch those reads saw
     pub = await fx.publish_one("r:never5", "x")
     assert pub.position() == StreamPosition(1, results[5].position.epoch)
+
+
+# ---------------------------------------------------------------------------------------- idempotency
+
+
+async def test_a_repeated_key_stores_and_delivers_once_and_answers_the_first_result(fx: Fixture) -> None:
+    first = await fx.publish_one("i:x", "before")
+    (pub,) = await fx.publish_any(req("i:x", "once", key="k1"))
+    assert isinstance(pub, Publication)
+    # five retries: alone, and several in one group with a fresh publish between them
+    repeats = [(await fx.publish_any(req("i:x", "again", key="k1")))[0] for _ in range(3)]
+    group = await fx.publish_any(req("i:x", "x", key="k1"), req("i:x", "new"), req("i:x", "y", key="k1"))
+    repeats += [group[0], group[2]]
+    assert all(isinstance(r, Repeat) and ids(r) == ids(pub) for r in repeats)
+    assert isinstance(group[1], Publication) and group[1].offset == pub.offset + 1
+    # the same key on another channel is another publication; a keyless publish is never a repeat
+    (other,) = await fx.publish_any(req("i:y", "once", key="k1"))
+    assert isinstance(other, Publication) and other.offset == 1
+    res = await fx.broker.history("i:x", OPTS, since=0)
+    assert [p.data for p in res.publications] == ["before", "once", "new"]
+    await fx.handler.until(lambda: len(fx.handler.pubs) == 4)
+    assert [p.data for p in fx.handler.pubs] == ["before", "once", "new", "once"]  # delivered once each
+    assert first.offset == 1
+
+
+async def test_two_new_requests_with_one_key_in_one_group_store_once(fx: Fixture) -> None:
+    a, b = await fx.publish_any(req("i:g", 1, key="same"), req("i:g", 2, key="same"))
+    assert isinstance(a, Publication) and isinstance(b, Repeat) and ids(b) == ids(a)
+    res = await fx.broker.history("i:g", OPTS, since=0)
+    assert [p.data for p in res.publications] == [1]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_idempotency_keys_expire_after_the_window(kind: str, tmp_path: Path) -> None:
+    fx = await build(kind, tmp_path, BrokerOptions(idempotency_window=0.3))
+    try:
+        (a,) = await fx.publish_any(req("i:w", 1, key="k"))
+        (again,) = await fx.publish_any(req("i:w", 1, key="k"))
+        assert isinstance(again, Repeat) and again.offset == a.offset
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 0.3
+        while loop.time() < deadline + 0.05:  # the window runs out (a clock condition, bounded)
+            await asyncio.sleep(0.05)
+        (later,) = await fx.publish_any(req("i:w", 1, key="k"))
+        assert isinstance(later, Publication) and later.offset == a.offset + 1
+    finally:
+        await fx.broker.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_idempotency_keys_are_bounded_in_count_oldest_first(kind: str, tmp_path: Path) -> None:
+    fx = await build(kind, tmp_path, BrokerOptions(idempotency_max_keys=10))
+    try:
+        for i in range(30):
+            await fx.publish_any(req("i:n", i, key=f"k{i}"))
+        if isinstance(fx.broker, SqliteBroker):
+            assert fx.broker.idempotency_keys <= 10
+            assert fx.db is not None
+            db = sqlite3.connect(fx.db)
+            try:
+                assert db.execute("SELECT COUNT(*) FROM idempotency").fetchone()[0] <= 10
+            finally:
+                db.close()
+        else:
+            assert isinstance(fx.broker, MemoryBroker)
+            assert len(fx.broker._keys) <= 10
+        (old,) = await fx.publish_any(req("i:n", 0, key="k0"))
+        (recent,) = await fx.publish_any(req("i:n", 29, key="k29"))
+        assert isinstance(old, Publication)  # forgotten: stored again
+        assert isinstance(recent, Repeat) and recent.offset == 30
+    finally:
+        await fx.broker.close()
+
+
+async def test_sqlite_idempotency_survives_a_restart_and_a_failed_commit_remembers_nothing(
+    tmp_path: Path,
+) -> None:
+    fx = await build("sqlite", tmp_path, BrokerOptions())
+    (a,) = await fx.publish_any(req("i:r", 1, key="k"))
+    await fx.broker.close()
+    fx = await build("sqlite", tmp_path, BrokerOptions())
+    try:
+        (again,) = await fx.publish_any(req("i:r", 1, key="k"))
+        assert isinstance(again, Repeat) and ids(again) == ids(a)
+        assert fx.db is not None
+        with sqlite3.connect(fx.db) as other:
+            other.execute(
+                "CREATE TRIGGER fail BEFORE INSERT ON pubs WHEN NEW.channel = 'i:bad' "
+                "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+            )
+        other.close()
+        done = Done()
+        fx.broker.publish_many([req("i:r", 2, key="k2"), req("i:bad", 0)], done)
+        assert isinstance(await done.wait(), BrokerError)
+        with sqlite3.connect(fx.db) as other:
+            other.execute("DROP TRIGGER fail")
+        other.close()
+        (retry,) = await fx.publish_any(req("i:r", 2, key="k2"))
+        assert isinstance(retry, Publication) and retry.offset == 2  # the key went with the rollback
+    finally:
+        await fx.broker.close()
 
 
 # ---------------------------------------------------------------------------------------- events

@@ -45,6 +45,7 @@ from tidings.protocol import (
     PresenceCmd,
     ProtocolError,
     PublishCmd,
+    RefreshCmd,
     StreamPosition,
     SubscribeCmd,
     UnsubscribeCmd,
@@ -80,7 +81,7 @@ PARSE_CODES = {
 }
 CLOSE_CODES = {int(c) for c in CloseCode} | {1002, 1006, 1007}  # aiohttp's own, documented in protocol.md
 PUSH_TYPES = {"message", "join", "leave", "disconnect"}
-OPS = ["connect", "subscribe", "unsubscribe", "publish", "history", "presence", "ping"]
+OPS = ["connect", "subscribe", "refresh", "unsubscribe", "publish", "history", "presence", "ping"]
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-:.@/=]{1,255}")
 HYP = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True)
 
@@ -109,7 +110,7 @@ EDGE: list[Any] = [
     {"offset": 1, "epoch": "e"}, {"offset": 0}, {"offset": -1}, {"offset": 2**63}, {"offset": True},
     {"offset": 1.0}, {"offset": "1"}, {"offset": 1, "epoch": 5}, {"offset": 1, "epoch": "e" * 65},
 ]  # fmt: skip
-KEYS = ["id", "op", "channel", "data", "since", "limit", "token"]
+KEYS = ["id", "op", "channel", "data", "since", "limit", "token", "idempotency_key"]
 edge = st.sampled_from(EDGE)
 values = st.one_of(edge, edge, json_scalars, json_values)
 command_dicts = st.fixed_dictionaries(
@@ -166,12 +167,13 @@ def check_command(cmd: Command) -> None:
         SubscribeCmd,
         UnsubscribeCmd,
         PublishCmd,
+        RefreshCmd,
         HistoryCmd,
         PresenceCmd,
         PingCmd,
     )
     assert is_req_id(cmd.id), cmd
-    if isinstance(cmd, SubscribeCmd | UnsubscribeCmd | PublishCmd | HistoryCmd | PresenceCmd):
+    if isinstance(cmd, SubscribeCmd | RefreshCmd | UnsubscribeCmd | PublishCmd | HistoryCmd | PresenceCmd):
         assert isinstance(cmd.channel, str) and CHANNEL_RE.fullmatch(cmd.channel), cmd
         assert len(cmd.channel.encode()) <= MAX_CHANNEL_BYTES
     if isinstance(cmd, SubscribeCmd | HistoryCmd) and cmd.since is not None:
@@ -183,8 +185,12 @@ def check_command(cmd: Command) -> None:
         assert isinstance(cmd.limit, int) and not isinstance(cmd.limit, bool) and 1 <= cmd.limit <= 1000
     if isinstance(cmd, SubscribeCmd | ConnectCmd):
         assert cmd.token is None or isinstance(cmd.token, str)
+    if isinstance(cmd, RefreshCmd):
+        assert isinstance(cmd.token, str)
     if isinstance(cmd, PublishCmd):
         orjson.dumps(cmd.data)  # re-encodable
+        key = cmd.idempotency_key
+        assert key is None or (isinstance(key, str) and 1 <= len(key) <= 64)
 
 
 def parse(raw: str | bytes) -> Command | ProtocolError:
@@ -213,7 +219,7 @@ def expected_errors(obj: dict[str, Any]) -> set[ErrorCode]:
         return bad | {ErrorCode.INVALID_FIELD}
     if op not in OPS:
         return bad | {ErrorCode.UNKNOWN_OP}
-    if op in ("subscribe", "unsubscribe", "publish", "history", "presence"):
+    if op in ("subscribe", "refresh", "unsubscribe", "publish", "history", "presence"):
         ch = obj.get("channel")
         if ch is None:
             bad.add(ErrorCode.INVALID_FIELD)
@@ -236,6 +242,12 @@ def expected_errors(obj: dict[str, Any]) -> set[ErrorCode]:
             bad.add(ErrorCode.INVALID_FIELD)
     if op in ("subscribe", "connect") and obj.get("token") is not None and not isinstance(obj["token"], str):
         bad.add(ErrorCode.INVALID_FIELD)
+    if op == "refresh" and not isinstance(obj.get("token"), str):
+        bad.add(ErrorCode.INVALID_FIELD)
+    if op == "publish" and obj.get("idempotency_key") is not None:
+        key = obj["idempotency_key"]
+        if not (isinstance(key, str) and 1 <= len(key) <= 64):
+            bad.add(ErrorCode.INVALID_FIELD)
     return bad
 
 

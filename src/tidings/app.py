@@ -34,6 +34,8 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
         sqlite_synchronous=settings.sqlite_synchronous,
         history_cache_bytes=settings.history_cache_bytes,
         max_history_bytes=settings.max_history_bytes,
+        idempotency_window=settings.idempotency_window,
+        idempotency_max_keys=settings.idempotency_max_keys,
     )
     node = Node(settings, broker or broker_from_url(settings.broker_url, opts))
     app = web.Application(

@@ -103,6 +103,8 @@ class Settings:
     max_history_bytes: int = (
         1 << 30
     )  # bytes of history stored in all; the least recently used channels lose theirs first
+    idempotency_window: float = 300.0  # seconds a publish's idempotency_key is remembered
+    idempotency_max_keys: int = 100_000  # idempotency keys remembered at most (the oldest go first)
     max_fragments: int = 1024  # frames of one incoming WebSocket message
     ws_frame_rate: float = 5000.0  # incoming WebSocket frames per second per connection (burst: twice that)
     ws_inflate_rate: float = (
@@ -162,6 +164,8 @@ _SCALARS: dict[str, type] = {
     "max_subscriptions": int,
     "history_cache_bytes": int,
     "max_history_bytes": int,
+    "idempotency_window": float,
+    "idempotency_max_keys": int,
     "max_fragments": int,
     "ws_frame_rate": float,
     "ws_inflate_rate": float,

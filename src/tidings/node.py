@@ -9,13 +9,13 @@ from typing import Protocol
 
 from aiohttp import web
 
-from .backends.base import Broker, BrokerError, PresenceStore, PublishDone, PublishRequest
+from .backends.base import Broker, BrokerError, PresenceStore, PublishDone, PublishRequest, PublishResult
 from .config import Settings
 from .hub import Hub
 from .limits import ConnectionLimiter, FailureLimiter, parse_networks
 from .policy import Policy
 from .presence import LocalPresence
-from .protocol import CloseCode, Publication
+from .protocol import CloseCode
 from .subscriptions import Subscriptions
 
 __all__ = ["NODE", "Connection", "Node"]
@@ -58,11 +58,11 @@ class Node:
         transaction); ``done`` gets the publications in order, or the group's BrokerError."""
         self.broker.publish_many(reqs, done)
 
-    async def publish(self, reqs: list[PublishRequest]) -> list[Publication]:
+    async def publish(self, reqs: list[PublishRequest]) -> PublishResult:
         """:meth:`submit`, awaited. Raises BrokerError."""
-        done: asyncio.Future[list[Publication] | BrokerError] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[PublishResult | BrokerError] = asyncio.get_running_loop().create_future()
 
-        def finish(result: list[Publication] | BrokerError) -> None:
+        def finish(result: PublishResult | BrokerError) -> None:
             if not done.done():
                 done.set_result(result)
 

@@ -25,7 +25,7 @@ from .auth import ANONYMOUS, API_ROLE_FOR, Action, Identity, TokenError, TokenVe
 from .backends.base import PublishRequest
 from .config import Namespace, Settings
 from .limits import RateLimiter, TokenBucket
-from .protocol import ErrorCode, ProtocolError, check_channel, encode_value
+from .protocol import ErrorCode, ProtocolError, check_channel, encode_value, parse_idempotency_key
 
 __all__ = ["Policy", "Session"]
 
@@ -85,7 +85,13 @@ class Policy:
             return ns
         self.admit(identity, rid)
         granted = grant is not None and grant >= time.time()
-        check_permission(ns, identity, channel, action, granted=granted, rid=rid)
+        try:
+            check_permission(ns, identity, channel, action, granted=granted, rid=rid)
+        except ProtocolError as exc:
+            if grant is not None and not granted and exc.code is ErrorCode.PERMISSION_DENIED:
+                # The one right this client had here was a subscription token, and it ran out.
+                raise ProtocolError(ErrorCode.TOKEN_EXPIRED, "the subscription token expired", rid) from None
+            raise
         return ns
 
     def admit(self, identity: Identity, rid: int | str | None = None) -> None:
@@ -102,12 +108,15 @@ class Policy:
         info: Any = None,
         publisher: bytes | None = None,
         grant: float | None = None,
+        key: object = None,
         rid: int | str | None = None,
     ) -> PublishRequest:
         """A publish request that passed the gate: authorized, ``data`` (and a backend's ``info``) within
         the size and depth limits, publisher info attached. ``publisher``: the client's encoded
-        publisher info (:meth:`Session.publisher_info`), for clients; ``info`` is for backends only."""
+        publisher info (:meth:`Session.publisher_info`), for clients; ``info`` is for backends only.
+        ``key``: the request's ``idempotency_key`` as given (checked here)."""
         ns = self.authorize(identity, channel, "publish", grant=grant, rid=rid)
+        idempotency_key = parse_idempotency_key(key, rid)
         assert isinstance(channel, str)
         raw = encode_value(data, "data", rid)
         limit = ns.max_message_size or self.settings.max_message_size
@@ -125,7 +134,7 @@ class Policy:
                 raise ProtocolError(
                     ErrorCode.MESSAGE_TOO_LARGE, f"info is {len(publisher)} bytes; the limit is {limit}", rid
                 )
-        return PublishRequest(channel, raw, ns.history, publisher)
+        return PublishRequest(channel, raw, ns.history, publisher, idempotency_key)
 
 
 class Session:
@@ -178,10 +187,12 @@ class Session:
         grant = self.grants.get(channel) if isinstance(channel, str) else None
         return self.policy.authorize(self.identity, channel, action, grant=grant, rid=rid)
 
-    def publication(self, channel: object, data: Any, rid: int | str | None = None) -> PublishRequest:
+    def publication(
+        self, channel: object, data: Any, rid: int | str | None = None, key: str | None = None
+    ) -> PublishRequest:
         grant = self.grants.get(channel) if isinstance(channel, str) else None
         return self.policy.publication(
-            self.identity, channel, data, publisher=self.publisher_info(), grant=grant, rid=rid
+            self.identity, channel, data, publisher=self.publisher_info(), grant=grant, key=key, rid=rid
         )
 
     def publisher_info(self) -> bytes | None:
@@ -199,8 +210,5 @@ class Session:
         try:
             self.authorize(channel, "subscribe")
         except ProtocolError as exc:
-            grant = self.grants.get(channel)
-            if grant is not None and grant < time.time():
-                return ProtocolError(ErrorCode.TOKEN_EXPIRED, "the subscription token expired")
             return exc
         return None

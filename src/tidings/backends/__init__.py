@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
-from .base import Broker, BrokerError, HistoryOptions, HistoryResult, PresenceStore
+from .base import Broker, BrokerError, HistoryOptions, HistoryResult, IdempotencyOptions, PresenceStore
 from .memory import MemoryBroker
 from .sqlite import SqliteBroker
 
@@ -41,6 +41,8 @@ class BrokerOptions:
     sqlite_synchronous: str = "normal"
     history_cache_bytes: int = 256 << 20
     max_history_bytes: int = 256 << 20
+    idempotency_window: float = 300.0  # seconds a publish's idempotency key is remembered
+    idempotency_max_keys: int = 100_000
 
 
 BrokerFactory = Callable[[SplitResult, BrokerOptions], Broker]
@@ -52,7 +54,10 @@ def register_broker(scheme: str, factory: BrokerFactory) -> None:
 
 
 def _memory(url: SplitResult, opts: BrokerOptions) -> Broker:
-    return MemoryBroker(max_history_bytes=opts.max_history_bytes)
+    return MemoryBroker(
+        max_history_bytes=opts.max_history_bytes,
+        idempotency=IdempotencyOptions(opts.idempotency_window, opts.idempotency_max_keys),
+    )
 
 
 def _sqlite(url: SplitResult, opts: BrokerOptions) -> Broker:
@@ -64,6 +69,7 @@ def _sqlite(url: SplitResult, opts: BrokerOptions) -> Broker:
         synchronous=opts.sqlite_synchronous,
         cache_bytes=opts.history_cache_bytes,
         max_history_bytes=opts.max_history_bytes,
+        idempotency=IdempotencyOptions(opts.idempotency_window, opts.idempotency_max_keys),
     )
 
 

@@ -19,10 +19,13 @@ __all__ = [
     "BrokerHandler",
     "HistoryOptions",
     "HistoryResult",
+    "IdempotencyOptions",
     "OneNode",
     "PresenceStore",
     "PublishDone",
     "PublishRequest",
+    "PublishResult",
+    "Repeat",
     "land",
     "new_epoch",
 ]
@@ -37,6 +40,10 @@ class BrokerHandler(Protocol):
     def deliver_event(self, event: Event) -> None: ...
 
 
+class BrokerError(Exception):
+    """The backend could not do what was asked (storage failure, connection lost). Clients may retry."""
+
+
 @dataclass(slots=True)
 class PublishRequest:
     """One publication to make, already checked by the policy gate: ``raw`` and ``raw_info`` are ``data``
@@ -46,23 +53,48 @@ class PublishRequest:
     raw: bytes
     opts: HistoryOptions
     raw_info: bytes | None = None
+    key: str | None = None  # idempotency key: a repeat within the broker's window stores nothing
 
 
-PublishDone = Callable[["list[Publication] | BrokerError"], None]
+@dataclass(frozen=True, slots=True)
+class Repeat:
+    """The answer to a publish repeated with the idempotency key of an earlier one (same channel, within
+    the window): the earlier publication's position and id. Nothing was stored or delivered."""
+
+    channel: str
+    offset: int
+    epoch: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyOptions:
+    """How long (``window`` seconds) and how many (``max_keys``) idempotency keys a broker remembers.
+    A key and its channel are at most 64 + 255 characters, so the count bounds the bytes too."""
+
+    window: float = 300.0
+    max_keys: int = 100_000
+
+
+PublishResult = list[Publication | Repeat]
+PublishDone = Callable[[PublishResult | BrokerError], None]
 log = logging.getLogger("tidings.broker")
 
 
 def land(
     handler: BrokerHandler,
-    result: list[Publication] | BrokerError,
+    result: PublishResult | BrokerError,
     done: PublishDone,
     before: Callable[[Publication], None] | None = None,
 ) -> None:
     """Hand a committed group to the loop's side: ``before(pub)`` (a cache), ``handler.deliver(pub)``
     for each publication in order, then ``done(result)``. Failure-isolated: an error in one step is
-    logged and the rest still runs, so one bad item never leaves a group unacknowledged."""
+    logged and the rest still runs, so one bad item never leaves a group unacknowledged. A
+    :class:`Repeat` is only answered: it was delivered when it was first published."""
     if not isinstance(result, BrokerError):
         for pub in result:
+            if isinstance(pub, Repeat):
+                continue
             try:
                 if before is not None:
                     before(pub)
@@ -73,10 +105,6 @@ def land(
         done(result)
     except Exception:
         log.exception("a publish callback failed")
-
-
-class BrokerError(Exception):
-    """The backend could not do what was asked (storage failure, connection lost). Clients may retry."""
 
 
 def new_epoch() -> str:
@@ -112,7 +140,9 @@ class Broker(Protocol):
 
     def publish_many(self, reqs: list[PublishRequest], done: PublishDone) -> None:
         """Publish ``reqs`` in order, atomically as a group (one transaction where there is one); then
-        ``done`` is called once, on the loop, with the publications or the error."""
+        ``done`` is called once, on the loop, with the publications or the error. A request whose
+        ``key`` the broker saw on the same channel within its idempotency window is answered with a
+        :class:`Repeat` of the first result, and stores and delivers nothing."""
         ...
 
     async def history(

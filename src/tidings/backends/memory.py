@@ -10,12 +10,16 @@ from .base import (
     BrokerHandler,
     HistoryOptions,
     HistoryResult,
+    IdempotencyOptions,
     OneNode,
     PublishDone,
     PublishRequest,
+    PublishResult,
+    Repeat,
     land,
     new_epoch,
 )
+from .idempotency import KeyCache
 from .stream import Stream, StreamSet, empty_result, now_ms
 
 __all__ = ["MemoryBroker"]
@@ -29,8 +33,11 @@ class MemoryBroker(OneNode):
     channels (``max_history_bytes``: the channels published to least recently lose their history first).
     Publications are delivered on the loop after ``publish_many`` returns (never inside the caller)."""
 
-    def __init__(self, *, max_history_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self, *, max_history_bytes: int = 256 << 20, idempotency: IdempotencyOptions | None = None
+    ) -> None:
         self._streams = StreamSet(max_history_bytes)
+        self._keys = KeyCache(idempotency or IdempotencyOptions())
         self._handler: BrokerHandler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -50,9 +57,14 @@ class MemoryBroker(OneNode):
 
     def publish_many(self, reqs: list[PublishRequest], done: PublishDone) -> None:
         assert self._loop is not None, "broker not started"
-        pubs = []
+        pubs: PublishResult = []
         t = now_ms()
         for r in reqs:
+            if r.key is not None:
+                repeat = self._keys.get(r.channel, r.key)
+                if repeat is not None:
+                    pubs.append(repeat)
+                    continue
             s = self._streams.get(r.channel)
             if s is None:
                 s = self._streams.put(r.channel, Stream(self._empty_epoch))
@@ -61,9 +73,11 @@ class MemoryBroker(OneNode):
             )
             self._streams.append(s, pub, r.opts)
             pubs.append(pub)
+            if r.key is not None:
+                self._keys.put(r.channel, r.key, Repeat(r.channel, pub.offset, pub.epoch, pub.id))
         self._loop.call_soon(self._land, pubs, done)
 
-    def _land(self, pubs: list[Publication], done: PublishDone) -> None:
+    def _land(self, pubs: PublishResult, done: PublishDone) -> None:
         assert self._handler is not None
         land(self._handler, pubs, done)
 
@@ -79,6 +93,7 @@ class MemoryBroker(OneNode):
         while True:
             await asyncio.sleep(60)
             self._streams.prune_all()
+            self._keys.prune()
             if self._streams.forget_idle(time.monotonic() - STREAM_IDLE_TTL):
                 # A forgotten channel that had publications starts again from offset 1: in a new epoch.
                 self._empty_epoch = new_epoch()

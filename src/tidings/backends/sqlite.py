@@ -29,9 +29,12 @@ from .base import (
     BrokerHandler,
     HistoryOptions,
     HistoryResult,
+    IdempotencyOptions,
     OneNode,
     PublishDone,
     PublishRequest,
+    PublishResult,
+    Repeat,
     land,
     new_epoch,
 )
@@ -59,6 +62,16 @@ CREATE TABLE IF NOT EXISTS pubs (
     PRIMARY KEY (channel, offset)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pubs_expires ON pubs (expires);
+CREATE TABLE IF NOT EXISTS idempotency (
+    channel TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    offset  INTEGER NOT NULL,
+    epoch   TEXT NOT NULL,
+    id      TEXT NOT NULL,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (channel, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires);
 """
 
 MAX_BATCH = 4096
@@ -105,6 +118,7 @@ class SqliteBroker(OneNode):
         cache_channels: int = 10_000,
         cache_bytes: int = 256 << 20,
         max_history_bytes: int = 0,
+        idempotency: IdempotencyOptions | None = None,
     ) -> None:
         self.path = Path(path)
         self.synchronous = synchronous.upper()
@@ -122,6 +136,9 @@ class SqliteBroker(OneNode):
         # Bytes of history on disk (payloads plus a fixed overhead per row); 0 = unbounded.
         self.max_history_bytes = max_history_bytes
         self.disk_bytes = 0
+        # Idempotency keys in the database: durable across restarts, bounded in time and count.
+        self.idempotency = idempotency or IdempotencyOptions()
+        self.idempotency_keys = 0  # rows in the idempotency table (an upper bound between sweeps)
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -215,6 +232,7 @@ class SqliteBroker(OneNode):
             return
         try:
             self.disk_bytes = db.execute(f"SELECT COALESCE(SUM({_ROW_BYTES}), 0) FROM pubs").fetchone()[0]
+            self.idempotency_keys = db.execute("SELECT COUNT(*) FROM idempotency").fetchone()[0]
         except sqlite3.Error as exc:
             loop.call_soon_threadsafe(ready.set_exception, BrokerError(f"cannot read {self.path}: {exc}"))
             db.close()
@@ -237,6 +255,8 @@ class SqliteBroker(OneNode):
                 work = [i for i in items if isinstance(i, _Pubs | _Load)]
                 if work:
                     results = self._process(db, meta, work)
+                    if self.idempotency_keys > self.idempotency.max_keys:
+                        self._trim_keys(db)
                     if self.max_history_bytes and self.disk_bytes > self.max_history_bytes:
                         trimmed = _Trimmed(self._trim_disk(db))
                         results.append((trimmed, None))
@@ -297,13 +317,22 @@ class SqliteBroker(OneNode):
         trims: dict[str, tuple[int, int]] = {}
         t = now_ms()
         added = [0]  # bytes stored by this batch, net of what its trims deleted
+        keys_added = [0]
+        key_expires = t + int(self.idempotency.window * 1000)
 
         def touch(channel: str) -> None:
             if channel not in touched:
                 touched[channel] = meta.get(channel)
 
-        def add(r: PublishRequest) -> Publication:
+        def add(r: PublishRequest) -> Publication | Repeat:
             channel, opts = r.channel, r.opts
+            if r.key is not None:
+                hit = db.execute(
+                    "SELECT offset, epoch, id FROM idempotency WHERE channel=? AND key=? AND expires>?",
+                    (channel, r.key, t),
+                ).fetchone()
+                if hit is not None:
+                    return Repeat(channel, hit[0], hit[1], hit[2])
             touch(channel)
             epoch, top = self._stream_meta(db, meta, channel)
             top += 1
@@ -313,6 +342,13 @@ class SqliteBroker(OneNode):
                 added[0] += len(r.raw) + len(r.raw_info or b"") + len(channel) + 64
             meta[channel] = (epoch, top)
             trims[channel] = (top, opts.size)
+            if r.key is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency(channel, key, offset, epoch, id, expires) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (channel, r.key, top, epoch, pub.id, key_expires),
+                )
+                keys_added[0] += 1
             return pub
 
         try:
@@ -323,7 +359,7 @@ class SqliteBroker(OneNode):
                     touch(item.channel)
                     results.append((item, self._load_stream(db, meta, item)))
                 else:
-                    pubs = [add(r) for r in item.reqs]
+                    pubs: PublishResult = [add(r) for r in item.reqs]
                     results.append((item, pubs))
             insert_rows()
             for ch, (top, size) in trims.items():
@@ -335,6 +371,7 @@ class SqliteBroker(OneNode):
                 added[0] -= sum(g[0] for g in gone)
             db.execute("COMMIT")
             self.disk_bytes += added[0]
+            self.idempotency_keys += keys_added[0]
         except Exception as exc:
             log.exception("sqlite write failed")
             with contextlib.suppress(sqlite3.Error):
@@ -377,8 +414,24 @@ class SqliteBroker(OneNode):
         try:
             gone = db.execute(f"DELETE FROM pubs WHERE expires<=? RETURNING {_ROW_BYTES}", (now_ms(),))
             self.disk_bytes -= sum(g[0] for g in gone.fetchall())
+            db.execute("DELETE FROM idempotency WHERE expires<=?", (now_ms(),))
+            self.idempotency_keys = db.execute("SELECT COUNT(*) FROM idempotency").fetchone()[0]
         except sqlite3.Error:
             log.exception("sqlite expiry sweep failed")
+
+    def _trim_keys(self, db: sqlite3.Connection) -> None:
+        """Over ``idempotency.max_keys``: forget expired keys, then the oldest, down to 90 % of it."""
+        keep = self.idempotency.max_keys * 9 // 10
+        try:
+            db.execute("DELETE FROM idempotency WHERE expires<=?", (now_ms(),))
+            db.execute(
+                "DELETE FROM idempotency WHERE (channel, key) IN (SELECT channel, key FROM idempotency "
+                "ORDER BY expires LIMIT max(0, (SELECT COUNT(*) FROM idempotency) - ?))",
+                (keep,),
+            )
+            self.idempotency_keys = db.execute("SELECT COUNT(*) FROM idempotency").fetchone()[0]
+        except sqlite3.Error:
+            log.exception("sqlite idempotency trim failed")
 
     def _trim_disk(self, db: sqlite3.Connection) -> list[str]:
         """Over ``max_history_bytes``: drop the history of the channels published to least recently, one

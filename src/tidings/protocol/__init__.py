@@ -5,6 +5,7 @@ from .codes import CLOSE_REASONS, HTTP_STATUS, CloseCode, ErrorCode
 from .frames import deflate_payload, text_frame
 from .messages import (
     MAX_DEPTH,
+    MAX_IDEMPOTENCY_KEY,
     PROTOCOL_VERSION,
     Command,
     ConnectCmd,
@@ -16,6 +17,7 @@ from .messages import (
     ProtocolError,
     Publication,
     PublishCmd,
+    RefreshCmd,
     StreamPosition,
     SubscribeCmd,
     UnsubscribeCmd,
@@ -28,6 +30,7 @@ from .messages import (
     encoded,
     new_publication_id,
     parse_command,
+    parse_idempotency_key,
     parse_position,
     unsubscribe_push,
 )
@@ -37,6 +40,7 @@ __all__ = [
     "HTTP_STATUS",
     "MAX_CHANNEL_BYTES",
     "MAX_DEPTH",
+    "MAX_IDEMPOTENCY_KEY",
     "PROTOCOL_VERSION",
     "CloseCode",
     "Command",
@@ -50,6 +54,7 @@ __all__ = [
     "ProtocolError",
     "Publication",
     "PublishCmd",
+    "RefreshCmd",
     "StreamPosition",
     "SubscribeCmd",
     "UnsubscribeCmd",
@@ -65,6 +70,7 @@ __all__ = [
     "namespace_of",
     "new_publication_id",
     "parse_command",
+    "parse_idempotency_key",
     "parse_position",
     "text_frame",
     "unsubscribe_push",

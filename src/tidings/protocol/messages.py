@@ -17,6 +17,7 @@ from .codes import ErrorCode
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_IDEMPOTENCY_KEY",
     "PROTOCOL_VERSION",
     "Command",
     "ConnectCmd",
@@ -28,6 +29,7 @@ __all__ = [
     "ProtocolError",
     "Publication",
     "PublishCmd",
+    "RefreshCmd",
     "StreamPosition",
     "SubscribeCmd",
     "UnsubscribeCmd",
@@ -40,6 +42,7 @@ __all__ = [
     "encoded",
     "new_publication_id",
     "parse_command",
+    "parse_idempotency_key",
     "parse_position",
     "unsubscribe_push",
 ]
@@ -58,6 +61,7 @@ def new_publication_id() -> str:
 
 
 MAX_HISTORY_LIMIT = 1000
+MAX_IDEMPOTENCY_KEY = 64  # characters of a publish's idempotency_key
 
 
 class ProtocolError(Exception):
@@ -301,6 +305,15 @@ class UnsubscribeCmd(Command):
 class PublishCmd(Command):
     channel: str = ""
     data: Any = None
+    idempotency_key: str | None = None  # a repeat within the window answers the first result
+
+
+@dataclass(slots=True)
+class RefreshCmd(Command):
+    """Renew the subscription grant of ``channel`` with a fresh subscription token."""
+
+    channel: str = ""
+    token: str = ""
 
 
 @dataclass(slots=True)
@@ -383,6 +396,19 @@ def _opt_str(obj: dict[str, Any], key: str, rid: int | str | None) -> str | None
     return v
 
 
+def parse_idempotency_key(value: object, rid: int | str | None = None) -> str | None:
+    """An ``idempotency_key``: None (absent) or a string of 1 to MAX_IDEMPOTENCY_KEY characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_IDEMPOTENCY_KEY:
+        raise ProtocolError(
+            ErrorCode.INVALID_FIELD,
+            f"idempotency_key must be a string of 1 to {MAX_IDEMPOTENCY_KEY} characters",
+            rid,
+        )
+    return value
+
+
 def parse_command(obj: dict[str, Any]) -> Command:
     """A decoded frame to a Command, or ProtocolError with a documented code."""
     rid = _req_id(obj)
@@ -392,7 +418,9 @@ def parse_command(obj: dict[str, Any]) -> Command:
     if op == "publish":
         if "data" not in obj:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "data is required", rid)
-        return PublishCmd(rid, _channel(obj, rid), obj["data"])
+        return PublishCmd(
+            rid, _channel(obj, rid), obj["data"], parse_idempotency_key(obj.get("idempotency_key"), rid)
+        )
     if op == "subscribe":
         since = obj.get("since")
         return SubscribeCmd(
@@ -421,6 +449,12 @@ def parse_command(obj: dict[str, Any]) -> Command:
         return PingCmd(rid)
     if op == "connect":
         return ConnectCmd(rid, _opt_str(obj, "token", rid))
+    if op == "refresh":
+        channel = _channel(obj, rid)
+        token = _opt_str(obj, "token", rid)
+        if token is None:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "token is required", rid)
+        return RefreshCmd(rid, channel, token)
     raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:32]!r}", rid)
 
 

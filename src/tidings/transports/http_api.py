@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from ..auth import Identity, find_api_key
-from ..backends.base import BrokerError, PublishRequest
+from ..backends.base import BrokerError, PublishRequest, PublishResult, Repeat
 from ..limits import client_ip
 from ..node import NODE, Node
 from ..protocol import HTTP_STATUS, ErrorCode, ProtocolError, Publication, StreamPosition
@@ -118,7 +118,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return obj
 
 
-def _pub_result(pub: Publication) -> dict[str, Any]:
+def _pub_result(pub: Publication | Repeat) -> dict[str, Any]:
     return {"offset": pub.offset, "epoch": pub.epoch, "id": pub.id}
 
 
@@ -136,16 +136,19 @@ async def publish(request: web.Request) -> web.Response:
     if "data" not in body:
         raise ApiError(ErrorCode.INVALID_FIELD, "data is required")
     node = _node(request)
-    req = node.policy.publication(identity, body.get("channel"), body["data"], info=body.get("info"))
+    req = node.policy.publication(
+        identity, body.get("channel"), body["data"], info=body.get("info"), key=body.get("idempotency_key")
+    )
     [pub] = await node.publish([req])
     return json_response(_pub_result(pub))
 
 
 async def _publish_many(
-    node: Node, identity: Identity, items: list[tuple[Any, Any, Any]]
+    node: Node, identity: Identity, items: list[tuple[Any, Any, Any, Any]]
 ) -> list[dict[str, Any]]:
-    """Publish (channel, data, info) items as one group (one queue item, one transaction); one result
-    per item, in order: the publication's position, or the error for that item alone."""
+    """Publish (channel, data, info, idempotency_key) items as one group (one queue item, one
+    transaction); one result per item, in order: the publication's position, or the error for that item
+    alone."""
 
     def error(ch: Any, code: ErrorCode, message: str) -> dict[str, Any]:
         return {"channel": ch, "error": {"code": str(code), "message": message}}
@@ -153,16 +156,16 @@ async def _publish_many(
     results: list[dict[str, Any]] = []
     reqs: list[PublishRequest] = []
     slots: list[int] = []  # where each request's result goes
-    for ch, data, info in items:
+    for ch, data, info, key in items:
         try:
-            reqs.append(node.policy.publication(identity, ch, data, info=info))
+            reqs.append(node.policy.publication(identity, ch, data, info=info, key=key))
         except ProtocolError as exc:
             results.append(error(ch, exc.code, exc.message))
             continue
         slots.append(len(results))
         results.append({})
     if reqs:
-        outcome: list[Publication] | BrokerError
+        outcome: PublishResult | BrokerError
         try:
             outcome = await node.publish(reqs)
         except BrokerError as exc:
@@ -184,24 +187,27 @@ async def broadcast(request: web.Request) -> web.Response:
     if "data" not in body:
         raise ApiError(ErrorCode.INVALID_FIELD, "data is required")
     info = _info(body)
-    results = await _publish_many(_node(request), identity, [(ch, body["data"], info) for ch in channels])
+    key = body.get("idempotency_key")  # one key, remembered on each channel
+    items = [(ch, body["data"], info, key) for ch in channels]
+    results = await _publish_many(_node(request), identity, items)
     return json_response({"results": results})
 
 
 async def batch(request: web.Request) -> web.Response:
-    """Many publications in one request: ``{"publications": [{"channel", "data", "info"?}, ...]}``."""
+    """Many publications in one request:
+    ``{"publications": [{"channel", "data", "info"?, "idempotency_key"?}, ...]}``."""
     identity = _check_key(request, "publish")
     body = await _json_body(request)
     pubs = body.get("publications")
     if not isinstance(pubs, list) or not pubs or len(pubs) > MAX_BATCH:
         raise ApiError(ErrorCode.INVALID_FIELD, f"publications must be a list of 1 to {MAX_BATCH} objects")
-    items: list[tuple[Any, Any, Any]] = []
+    items: list[tuple[Any, Any, Any, Any]] = []
     for i, p in enumerate(pubs):
         if not isinstance(p, dict) or "data" not in p:
             raise ApiError(
                 ErrorCode.INVALID_FIELD, f"publications[{i}] must be an object with channel and data"
             )
-        items.append((p.get("channel"), p["data"], _info(p)))
+        items.append((p.get("channel"), p["data"], _info(p), p.get("idempotency_key")))
     return json_response({"results": await _publish_many(_node(request), identity, items)})
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..backends.base import BrokerError
+from ..backends.base import BrokerError, PublishResult
 from ..node import Node
 from ..protocol import CloseCode, ErrorCode, Event, ProtocolError, Publication, deflate_payload, text_frame
 from ..protocol.frames import OP_BINARY, OP_TEXT, data_frame
@@ -143,7 +143,7 @@ def _no_reply(outcome: SubscribeOutcome) -> None:
     return None
 
 
-def _log_failure(result: list[Publication] | BrokerError) -> None:
+def _log_failure(result: PublishResult | BrokerError) -> None:
     if isinstance(result, BrokerError):
         log.info("chatsocket: message not stored: %s", result)
 

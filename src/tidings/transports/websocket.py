@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from ..auth import TokenError
-from ..backends.base import BrokerError, PublishRequest
+from ..backends.base import BrokerError, PublishRequest, PublishResult
 from ..node import Node
 from ..protocol import (
     PROTOCOL_VERSION,
@@ -28,8 +28,8 @@ from ..protocol import (
     PingCmd,
     PresenceCmd,
     ProtocolError,
-    Publication,
     PublishCmd,
+    RefreshCmd,
     SubscribeCmd,
     UnsubscribeCmd,
     decode_frame,
@@ -53,7 +53,6 @@ MAX_BACKLOG = 64  # commands queued behind a running one before reading pauses
 MAX_TIMER = 86400.0 * 30  # timers further out than this are re-armed when they fire
 MAX_EXPIRES = 2**53  # a token's exp as the connect reply reports it (JSON-safe integer)
 _PUSH_BEFORE_CLOSE = frozenset({CloseCode.GOING_AWAY, CloseCode.UNSUPPORTED_DATA, CloseCode.INTERNAL_ERROR})
-MAX_TIMER = 86400.0 * 30  # timers further out than this are re-armed when they fire
 
 
 class WsConnection(WsProtocol):
@@ -159,6 +158,8 @@ class WsConnection(WsProtocol):
             self.publish(cmd)
         elif isinstance(cmd, UnsubscribeCmd):
             self.unsubscribe(cmd)
+        elif isinstance(cmd, RefreshCmd):
+            self.refresh(cmd)
         elif isinstance(cmd, SubscribeCmd | HistoryCmd | PresenceCmd):
             self._task = asyncio.get_running_loop().create_task(self._run_async(cmd))
 
@@ -228,7 +229,7 @@ class WsConnection(WsProtocol):
         identity = self.session.identity
         result: dict[str, Any] = {"client": self.client_id, "version": PROTOCOL_VERSION, "user": self.user}
         if identity.expires is not None:
-            result["expires"] = int(min(identity.expires, MAX_EXPIRES))
+            result.update(_lifetime(identity.expires))
         self._send(encode_ok(cmd.id, result))
 
     def _recheck(self) -> None:
@@ -254,9 +255,20 @@ class WsConnection(WsProtocol):
 
     # ------------------------------------------------------------------------------ ops
 
+    def refresh(self, cmd: RefreshCmd) -> None:
+        """Renew the grant of a subscription with a fresh subscription token (no resubscribe, no gap). A
+        bad token leaves the current grant as it was: it still ends at its own expiry."""
+        self.node.policy.namespace(cmd.channel, cmd.id)
+        if cmd.channel not in self.node.subscriptions.channels_of(self):
+            raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {cmd.channel!r}", cmd.id)
+        self._grant(cmd.channel, cmd.token, cmd.id)
+        expires = self.session.grants[cmd.channel]
+        self._recheck()  # re-arm the timer for the next grant to expire
+        self._send(encode_ok(cmd.id, {"channel": cmd.channel, **_lifetime(expires)}))
+
     def publish(self, cmd: PublishCmd) -> None:
         """Checked now; queued with the other publishes of this read, sent to the broker together."""
-        req = self.session.publication(cmd.channel, cmd.data, cmd.id)
+        req = self.session.publication(cmd.channel, cmd.data, cmd.id, cmd.idempotency_key)
         if self._pub_reqs is None or self._pub_rids is None:
             self._pub_reqs, self._pub_rids = [req], [cmd.id]
         else:
@@ -270,7 +282,7 @@ class WsConnection(WsProtocol):
             return
         self._pub_reqs = self._pub_rids = None
 
-        def done(result: list[Publication] | BrokerError) -> None:
+        def done(result: PublishResult | BrokerError) -> None:
             if isinstance(result, BrokerError):
                 for rid in rids:
                     self.reply_error(rid, ErrorCode.UNAVAILABLE, str(result))
@@ -282,12 +294,7 @@ class WsConnection(WsProtocol):
 
     async def subscribe(self, cmd: SubscribeCmd) -> None:
         if cmd.token is not None:
-            try:
-                self.session.grant(cmd.channel, cmd.token)
-            except TokenError as exc:
-                if exc.code is not ErrorCode.PERMISSION_DENIED:
-                    self.node.auth_failures.fail(self.ip)
-                raise ProtocolError(exc.code, exc.message, cmd.id) from None
+            self._grant(cmd.channel, cmd.token, cmd.id)
         ns = self.session.authorize(cmd.channel, "subscribe", cmd.id)
         subs = self.node.subscriptions
         mine = subs.channels_of(self)
@@ -302,6 +309,9 @@ class WsConnection(WsProtocol):
             result: dict[str, Any] = {"channel": cmd.channel, **outcome.position.to_json()}
             if outcome.recovered is not None:
                 result["recovered"] = outcome.recovered
+            grant = self.session.grants.get(cmd.channel) if cmd.token is not None else None
+            if grant is not None:
+                result.update(_lifetime(grant))
             self._send(encode_ok(cmd.id, result))
 
         try:
@@ -311,6 +321,15 @@ class WsConnection(WsProtocol):
             raise
         if cmd.channel in self.session.grants:
             self._recheck()  # arm the grant's expiry
+
+    def _grant(self, channel: str, token: str, rid: int | str | None) -> None:
+        """Adopt a subscription token for ``channel``; ProtocolError (the token's error code) if bad."""
+        try:
+            self.session.grant(channel, token)
+        except TokenError as exc:
+            if exc.code is not ErrorCode.PERMISSION_DENIED:
+                self.node.auth_failures.fail(self.ip)
+            raise ProtocolError(exc.code, exc.message, rid) from None
 
     def unsubscribe(self, cmd: UnsubscribeCmd) -> None:
         self.node.policy.admit(self.session.identity, cmd.id)
@@ -336,6 +355,12 @@ class WsConnection(WsProtocol):
             raise ProtocolError(ErrorCode.NOT_AVAILABLE, f"presence is off in namespace {ns.name!r}", cmd.id)
         clients = await self.node.presence.clients(cmd.channel)
         self._send(encode_ok(cmd.id, {"clients": clients, "count": len(clients)}))
+
+
+def _lifetime(expires: float) -> dict[str, Any]:
+    """``expires`` (Unix seconds, JSON-safe) and ``ttl`` (seconds left by this server's clock) of a
+    token, for a client to schedule its renewal without trusting its own clock."""
+    return {"expires": int(min(expires, MAX_EXPIRES)), "ttl": round(max(0.0, expires - time.time()), 3)}
 
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
