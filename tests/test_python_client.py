@@ -301,6 +301,34 @@ async def test_token_lifecycles_over_20_seconds(start_server: ServerFactory) -> 
     print("token figures:", figures)
 
 
+async def test_grant_that_ends_unrenewed_is_resubscribed_with_a_fresh_token(
+    start_server: ServerFactory,
+) -> None:
+    """get_token fails while the grant should be renewed, so it ends (``unsubscribe`` push,
+    resubscribe: true); the client gets a fresh token and subscribes again with ``since``: nothing lost,
+    no ``unsubscribed`` event, the failures reported as ``error`` (code ``token``)."""
+    srv = await token_server(start_server)
+    fail_until = 0.0
+
+    def get_token() -> str:
+        if time.time() < fail_until:
+            raise RuntimeError("the token service is down")
+        return hs({"channel": "priv:again", "exp": time.time() + 2})
+
+    client = Client(srv.ws_url, **FAST)
+    rec = Recorder(client)
+    async with client, HTTPClient(srv.http, API_KEY) as api:
+        sub = await client.subscribe("priv:again", get_token=get_token)
+        fail_until = time.time() + 2.5  # past the grant's end
+        await publish_paced(api, "priv:again", 40, 10)
+        assert await take(sub, 40, timeout=5) == list(range(40))
+        await rec.wait(lambda: rec.count("subscribed") == 2)
+    (again,) = rec.events("subscribed")[1:]
+    assert again.recovered is True and rec.count("unsubscribed") == 0 and rec.count("disconnect") == 0
+    assert rec.count("error") >= 1 and {e.code for e in rec.events("error")} == {"token"}
+    assert sub.gaps == 0
+
+
 async def test_refused_connect_stops_and_expired_token_reconnects(start_server: ServerFactory) -> None:
     srv = await token_server(start_server)
     bad = Client(srv.ws_url, token="not-a-jwt", **FAST)
@@ -577,6 +605,38 @@ async def test_retries_through_a_frozen_server_store_each_publication_once(
             assert pubs[0].data == "warm"
             assert sorted(p.data for p in pubs[1:]) == list(range(n)), (channel, [p.data for p in pubs])
             assert offsets == [p.offset for p in pubs[1:]] and pos.offset == n + 1
+        assert client.connects == 1  # the ws client sent again on the same connection (timeouts)
     figures = {"ws": client.publish_retries, "http": http.retry_count, "sync": sync.retry_count}
     sync.close()
     print("retries while frozen:", figures)
+
+
+async def test_publish_resent_after_a_reconnect_is_stored_once(
+    subprocess_server: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """Frozen mid-publish until the client's heartbeat gives the connection up (ConnectionLost); the
+    server, resumed, stores what it had read from the old connection, and the client's resends on the new
+    connection (same keys) store nothing more and get the same offsets."""
+    config = tmp_path / "tidings.toml"
+    config.write_text("[namespaces.pub]\npublish = true\n")
+    srv = subprocess_server("--config", str(config))
+    key = read_api_key(srv.data_dir)
+    assert key and srv.proc is not None
+    client = Client(srv.ws_url, heartbeat=1.0, request_timeout=5, publish_timeout=40, **FAST)
+    rec = Recorder(client)
+    n = 5
+    async with client, HTTPClient(srv.http, key) as http:
+        await client.publish("pub:resend", "warm")
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            task = asyncio.gather(*(client.publish("pub:resend", i) for i in range(n)))
+            await rec.wait(lambda: rec.count("disconnect") == 1, timeout=15)
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        positions = await asyncio.wait_for(task, 30)
+        pubs, pos, _ = await http.history("pub:resend")
+    assert pubs[0].data == "warm" and sorted(p.data for p in pubs[1:]) == list(range(n))
+    assert pos.offset == n + 1
+    assert sorted(p.offset for p in positions) == list(range(2, n + 2))
+    assert client.connects == 2 and client.publish_retries >= n
+    print("resent after reconnect:", client.publish_retries)
