@@ -265,6 +265,8 @@ class Subscription:
         self._first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._renewal: asyncio.Task[None] | None = None
         self._driver: asyncio.Task[None] | None = None
+        self._driver_conn: _Conn | None = None
+        self._again = False  # subscribe once more after the running attempt
 
     @property
     def active(self) -> bool:
@@ -746,6 +748,8 @@ class Client:
                 self._emit("disconnect", DisconnectEvent(event.code, event.reason, stop is None))
                 if stop is not None:
                     self._stop(stop)
+                    session, self._session = self._session, None
+                    await session.close()  # nothing more to connect; close() need not be called
                     return
             if self._closed:
                 return
@@ -873,9 +877,13 @@ class Client:
     # ------------------------------------------------------------------------------ subscriptions
 
     def _drive(self, conn: _Conn, sub: Subscription) -> None:
-        """Start (re)subscribing ``sub`` on ``conn`` unless that is already under way."""
-        if sub._driver is not None and not sub._driver.done():
+        """Start (re)subscribing ``sub`` on ``conn``; if that is under way already, it subscribes once
+        more when done (the server may have ended what it just accepted)."""
+        if sub._driver is not None and not sub._driver.done() and sub._driver_conn is conn:
+            sub._again = True
             return
+        sub._again = False
+        sub._driver_conn = conn
         sub._driver = conn.spawn(self._subscribe_on(conn, sub))
 
     async def _subscribe_on(self, conn: _Conn, sub: Subscription) -> None:
@@ -914,12 +922,20 @@ class Client:
                     fields,
                     on_ok=functools.partial(self._on_subscribed, conn, sub, since),
                 )
-                return
+                if not sub._again:
+                    return
+                sub._again = False
+                continue
             except ConnectionLost:
                 return  # the next connection subscribes again
             except RequestError as exc:
                 if not sub.active or self.subscriptions.get(sub.channel) is not sub:
                     return
+                if exc.code == ErrorCode.ALREADY_SUBSCRIBED:  # a race with an earlier attempt
+                    timed_out = True  # unsubscribe first, then subscribe from our position
+                    attempt += 1
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
                 permanent = exc.code not in TRANSIENT or (
                     exc.code == ErrorCode.TOKEN_EXPIRED and sub.get_token is None
                 )
