@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import ipaddress
 import itertools
+import os
 import sys
 import time
 from collections import Counter
@@ -116,7 +117,10 @@ async def run_http(a: argparse.Namespace, st: Stats, sched: Schedule, pad: str) 
         async def worker() -> None:
             while (i := await sched.take()) is not None:
                 ch = channel_name(a.channel_fmt, i, a.channels)
-                body = orjson.dumps({"channel": ch, "data": make_data(pad)})
+                pub: dict[str, Any] = {"channel": ch, "data": make_data(pad)}
+                if a.keys:
+                    pub["idempotency_key"] = f"{os.getpid()}-{i}"
+                body = orjson.dumps(pub)
                 sent = time.time_ns()
                 st.sent += 1
                 try:
@@ -179,6 +183,8 @@ async def run_ws(a: argparse.Namespace, st: Stats, sched: Schedule, pad: str) ->
                     pending[mid] = (ch, time.time_ns())
                     st.sent += 1
                     cmd = {"id": mid, "op": "publish", "channel": ch, "data": make_data(pad)}
+                    if a.keys:
+                        cmd["idempotency_key"] = f"{os.getpid()}-{k}-{mid}"
                     await ws.send_bytes(orjson.dumps(cmd)) if a.binary else await ws.send_str(
                         orjson.dumps(cmd).decode()
                     )
@@ -286,6 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=500, help="ws: publishes in flight per socket")
     p.add_argument("--binary", action="store_true", help="ws: send commands as binary frames")
     p.add_argument("--size", type=int, default=100, help="approximate bytes of each publication's data")
+    p.add_argument("--keys", action="store_true", help="give every publish its own idempotency_key")
     a = p.parse_args(argv)
     if not ipaddress.ip_address(a.host).is_loopback:
         p.error("only loopback hosts are allowed")

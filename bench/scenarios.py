@@ -555,6 +555,17 @@ SCENARIOS: tuple[Scenario[Any], ...] = (
             procs=2,
         ),
     ),
+    Scenario(
+        "ws-publish-keyed",
+        "ws-publish with an idempotency_key on every publish (what the clients send)",
+        publish_only,
+        lambda s: PublishOnly(
+            f"/ws publish commands with idempotency keys, 2 publisher processes x {s.ws_window} in flight "
+            "on 1 socket each, broker default (SQLite)",
+            ["--mode", "ws", "--keys", "--window", str(s.ws_window)],
+            procs=2,
+        ),
+    ),
     Scenario("echo", "round trips/s and server CPU per round trip", echo, lambda s: Echo(s.echo_conns)),
     Scenario(
         "chatsocket-fanout",

@@ -84,13 +84,15 @@ ServerFactory = Callable[..., Awaitable[Server]]
 
 @pytest.fixture
 async def start_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
-    """``await start_server(broker="sqlite://...", max_buffer=...)``: a server on its own free port."""
+    """``await start_server(broker="sqlite://...", max_buffer=...)``: a server on its own free port.
+    ``broker_impl=`` hands the app a broker object instead of the one ``broker`` names."""
     started: list[Server] = []
 
     async def start(sock: socket.socket | None = None, **kw: Any) -> Server:
+        broker_impl = kw.pop("broker_impl", None)
         settings = kw.pop("settings", None) or make_settings(tmp_path, **kw)
         runner = make_runner(
-            create_app(settings), settings.header_timeout, access_log=None, shutdown_timeout=2
+            create_app(settings, broker_impl), settings.header_timeout, access_log=None, shutdown_timeout=2
         )
         await runner.setup()
         sock = sock or bound_socket()

@@ -423,13 +423,16 @@ class SqliteBroker(OneNode):
         """Over ``idempotency.max_keys``: forget expired keys, then the oldest, down to 90 % of it."""
         keep = self.idempotency.max_keys * 9 // 10
         try:
-            db.execute("DELETE FROM idempotency WHERE expires<=?", (now_ms(),))
-            db.execute(
-                "DELETE FROM idempotency WHERE (channel, key) IN (SELECT channel, key FROM idempotency "
-                "ORDER BY expires LIMIT max(0, (SELECT COUNT(*) FROM idempotency) - ?))",
-                (keep,),
-            )
-            self.idempotency_keys = db.execute("SELECT COUNT(*) FROM idempotency").fetchone()[0]
+            gone = db.execute("DELETE FROM idempotency WHERE expires<=?", (now_ms(),)).rowcount
+            self.idempotency_keys -= max(gone, 0)
+            excess = self.idempotency_keys - keep
+            if excess > 0:
+                gone = db.execute(
+                    "DELETE FROM idempotency WHERE (channel, key) IN "
+                    "(SELECT channel, key FROM idempotency ORDER BY expires LIMIT ?)",
+                    (excess,),
+                ).rowcount
+                self.idempotency_keys -= max(gone, 0)
         except sqlite3.Error:
             log.exception("sqlite idempotency trim failed")
 
