@@ -54,9 +54,11 @@ __all__ = ["RedisBroker", "RedisTarget"]
 
 log = logging.getLogger("tidings.redis")
 
-# KEYS: meta, stream, idempotency key (meta again when there is none)
-# ARGV: data, info ('' = none), id, size, ttl ms, meta ttl ms, epoch for a new stream, key? ('1'/''),
-#       key window ms, pubsub channel
+# KEYS: meta, stream, idempotency key (meta again when there is none), the shared epoch0
+# ARGV: data, info ('' = none), id, size, ttl ms, meta ttl ms, a fresh epoch (epoch0 when it is gone),
+#       key? ('1'/''), key window ms, pubsub channel, epoch0 ttl ms
+# A new stream starts in epoch0, the epoch every node reads a never-published channel in; when Redis lost
+# epoch0 (restarted empty), a fresh one is made here, so a recreated stream never reuses an old epoch.
 _PUBLISH = """
 if ARGV[8] == '1' then
   local hit = redis.call('GET', KEYS[3])
@@ -64,7 +66,11 @@ if ARGV[8] == '1' then
 end
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
-  epoch = ARGV[7]
+  epoch = redis.call('GET', KEYS[4])
+  if not epoch then
+    epoch = ARGV[7]
+    redis.call('SET', KEYS[4], epoch, 'PX', ARGV[11])
+  end
   redis.call('HSET', KEYS[1], 'e', epoch)
 end
 local top = redis.call('HINCRBY', KEYS[1], 't', 1)
@@ -95,11 +101,11 @@ end
 return {0, top, epoch, ms}
 """
 
-# KEYS: meta, stream. ARGV: from offset ('' = the newest), limit (-1 = all), size, ttl ms.
-# Returns {} for a channel without a stream, else {epoch, top, first retained offset, entries}.
+# KEYS: meta, stream, epoch0. ARGV: from offset ('' = the newest), limit (-1 = all), size, ttl ms.
+# Returns {epoch0} for a channel without a stream, else {epoch, top, first retained offset, entries}.
 _READ = """
 local m = redis.call('HMGET', KEYS[1], 'e', 't')
-if not m[1] then return {} end
+if not m[1] then return {redis.call('GET', KEYS[3])} end
 local top = tonumber(m[2])
 local size = tonumber(ARGV[3])
 local now = redis.call('TIME')
@@ -275,9 +281,13 @@ class RedisBroker:
         self._sha_publish = _text(await self._client.script_load(_PUBLISH))
         self._sha_read = _text(await self._client.script_load(_READ))
 
+    @property
+    def _epoch0_key(self) -> str:
+        return f"{self.prefix}:epoch0"
+
     async def _refresh_epoch0(self) -> None:
         """The epoch every node gives a channel nobody published to (and the one it starts in)."""
-        key = f"{self.prefix}:epoch0"
+        key = self._epoch0_key
         await self._client.set(key, secrets.token_hex(4), nx=True, px=EPOCH0_TTL_MS)
         value = await self._client.get(key)
         if value:
@@ -322,11 +332,12 @@ class RedisBroker:
                     meta,
                     self._key(r.channel, "s"),
                     self._key(r.channel, f"k:{r.key}") if r.key else meta,
+                    self._epoch0_key,
                 ]
                 ttl_ms = max(1, int(r.opts.ttl * 1000))
                 pipe.evalsha(
                     self._sha_publish,
-                    3,
+                    4,
                     *keys,
                     r.raw,
                     r.raw_info or b"",
@@ -334,10 +345,11 @@ class RedisBroker:
                     r.opts.size,
                     ttl_ms,
                     ttl_ms + META_EXTRA_MS,
-                    self._epoch0,
+                    secrets.token_hex(4),
                     "1" if r.key else "",
                     max(1, int(self.idempotency.window * 1000)),
                     self._key(r.channel, "p"),
+                    EPOCH0_TTL_MS,
                 )
             try:
                 replies = await pipe.execute()
@@ -388,13 +400,15 @@ class RedisBroker:
             opts.size,
             max(1, int(opts.ttl * 1000)),
         )
-        keys = (self._key(channel, "m"), self._key(channel, "s"))
+        keys = (self._key(channel, "m"), self._key(channel, "s"), self._epoch0_key)
         try:
-            rep = await self._client.evalsha(self._sha_read, 2, *keys, *args)
+            rep = await self._client.evalsha(self._sha_read, 3, *keys, *args)
         except NoScriptError:
             await self._load_scripts()
-            rep = await self._client.evalsha(self._sha_read, 2, *keys, *args)
-        if not rep:
+            rep = await self._client.evalsha(self._sha_read, 3, *keys, *args)
+        if len(rep) <= 1:  # nobody published to it: the epoch its first publish will have
+            if rep and rep[0]:
+                self._epoch0 = _text(rep[0])
             return HistoryResult([], StreamPosition(0, self._epoch0), 1)
         epoch = rep[0].decode()
         pubs = [_entry(channel, epoch, e) for e in rep[3]]
