@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import pytest
 import redis
 
 from .conftest import API_KEY, Probe, ProbeFactory, ServerFactory, bound_socket
+from .redis_servers import RedisServer
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -81,61 +81,6 @@ class Node:
                 self.proc.kill()
                 self.proc.wait(5)
         self.log.close()
-
-
-class OwnRedis:
-    """A ``redis-server`` of this test alone (stopped and started again on the same port)."""
-
-    def __init__(self, tmp: Path) -> None:
-        exe = shutil.which("redis-server")
-        assert exe is not None
-        self.exe, self.dir, self.port = exe, tmp, free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if redis.Redis(port=self.port, socket_timeout=0.5).ping():
-                    return
-            except redis.RedisError:
-                pass
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path, redis_url: str) -> Iterator[OwnRedis]:  # redis_url: fail/skip when missing
-    r = OwnRedis(tmp_path)
-    r.start()
-    yield r
-    r.stop()
 
 
 @pytest.fixture
@@ -232,9 +177,9 @@ async def test_killed_pubsub_connections_are_repaired_from_the_stream(
 
 
 async def test_redis_down_answers_503_in_bounded_time_and_a_lost_stream_is_flagged(
-    start_server: ServerFactory, probe: ProbeFactory, own_redis: OwnRedis
+    start_server: ServerFactory, probe: ProbeFactory, redis_server: RedisServer
 ) -> None:
-    srv = await start_server(broker=own_redis.url, redis_timeout=2.0, redis_check_interval=0.3)
+    srv = await start_server(broker=redis_server.url, redis_timeout=2.0, redis_check_interval=0.3)
     sub = await probe(srv)
     await sub.ok("subscribe", channel="pub:down")
     async with aiohttp.ClientSession() as s:
@@ -242,7 +187,7 @@ async def test_redis_down_answers_503_in_bounded_time_and_a_lost_stream_is_flagg
             assert (await http_publish(s, srv.http, "pub:down", i))[0] == 200
         got = await sub.messages(5)
         seen = got[-1]
-        own_redis.stop()
+        redis_server.stop()
         t0 = time.monotonic()
         status, body = await http_publish(s, srv.http, "pub:down", "while down")
         elapsed = time.monotonic() - t0
@@ -251,7 +196,7 @@ async def test_redis_down_answers_503_in_bounded_time_and_a_lost_stream_is_flagg
         r = await sub.request("publish", channel="pub:down", data="ws while down", timeout=10)
         assert r["ok"] is False and r["error"]["code"] == "unavailable"
         # Redis comes back empty (no persistence): publishing resumes within seconds
-        own_redis.start()
+        redis_server.start()
         async with asyncio.timeout(15):
             while (await http_publish(s, srv.http, "pub:down", "back"))[0] != 200:
                 await asyncio.sleep(0.1)
