@@ -6,6 +6,7 @@ refuses an unknown scheme with a :class:`BrokerURLError` that names the known on
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
@@ -26,6 +27,8 @@ __all__ = [
     "PresenceStore",
     "SqliteBroker",
     "broker_from_url",
+    "display_url",
+    "is_shared_url",
     "register_broker",
 ]
 
@@ -86,3 +89,22 @@ def broker_from_url(url: str, opts: BrokerOptions | None = None) -> Broker:
         # The URL itself is not repeated: it may hold a password.
         raise BrokerURLError(f"unknown broker {what}: this server knows {known}")
     return factory(parts, opts or BrokerOptions())
+
+
+# Brokers whose state lives outside the process, so that several processes (``tidings serve --workers``)
+# and several nodes can share it. memory:// and sqlite:// are one process only.
+SHARED_SCHEMES = frozenset({"redis", "rediss", "redis+cluster", "redis+sentinel"})
+
+
+def is_shared_url(url: str) -> bool:
+    """Whether the broker named by ``url`` can be shared by several processes, by its scheme alone (no
+    connection is made, and the factory need not be installed)."""
+    return urlsplit(url).scheme.lower() in SHARED_SCHEMES
+
+
+_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@|((?:^|[?&])password=)[^&]*", re.I)
+
+
+def display_url(url: str) -> str:
+    """``url`` for a log line: a password (``user:password@``, ``?password=``) replaced by ``***``."""
+    return _PASSWORD.sub(lambda m: f"{m[1]}***@" if m[1] else f"{m[2]}***", url)
