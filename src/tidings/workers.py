@@ -268,14 +268,21 @@ class Supervisor:
             self._restore_signals(previous)
             for worker in self.workers.values():
                 self._close_ready(worker)
+            self._wake = (-1, -1)
             os.close(r)
             os.close(w)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop every worker as if the supervisor got ``sig`` (safe from a signal handler or a thread)."""
+        self._signals.append(sig)
+        with contextlib.suppress(OSError):
+            os.write(self._wake[1], b"\0")
 
     # ------------------------------------------------------------------ signals
 
     def _install_signals(self) -> dict[int, object]:
         def record(signum: int, frame: FrameType | None) -> None:
-            self._signals.append(signum)
+            self._signals.append(signum)  # the wakeup fd wakes the loop
 
         def wake(signum: int, frame: FrameType | None) -> None:
             pass  # the wakeup fd does the work
