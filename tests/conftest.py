@@ -305,3 +305,62 @@ def subprocess_server(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     yield make
     for p in made:
         p.stop()
+
+
+@pytest.fixture(scope="session")
+def _redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """One real ``redis-server`` for the session on a free loopback port (no persistence). Missing
+    redis-server fails under CI and skips elsewhere."""
+    import shutil
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        msg = "redis-server is not installed (scripts/test installs Debian's redis-server)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    with bound_socket() as probe_sock:
+        port = probe_sock.getsockname()[1]
+    d = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(d),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("redis-server did not start")
+        time.sleep(0.02)
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def redis_url(_redis_session: int) -> str:
+    """``redis://`` of the session's Redis, emptied for this test."""
+    with socket.create_connection(("127.0.0.1", _redis_session), 2) as c:
+        c.sendall(b"FLUSHALL\r\n")
+        c.recv(16)
+    return f"redis://127.0.0.1:{_redis_session}/0"

@@ -106,6 +106,10 @@ class Settings:
     )  # bytes of history stored in all; the least recently used channels lose theirs first
     idempotency_window: float = 300.0  # seconds a publish's idempotency_key is remembered
     idempotency_max_keys: int = 100_000  # idempotency keys remembered at most (the oldest go first)
+    redis_prefix: str = "tidings"  # the Redis broker's keys start with this
+    redis_timeout: float = 5.0  # seconds a Redis call may take before it answers unavailable
+    redis_check_interval: float = 2.0  # seconds between the Redis broker's position checks
+    redis_pool_size: int = 32  # Redis connections per process
     max_fragments: int = 1024  # frames of one incoming WebSocket message
     ws_frame_rate: float = 5000.0  # incoming WebSocket frames per second per connection (burst: twice that)
     ws_inflate_rate: float = (
@@ -168,6 +172,10 @@ _SCALARS: dict[str, type] = {
     "max_history_bytes": int,
     "idempotency_window": float,
     "idempotency_max_keys": int,
+    "redis_prefix": str,
+    "redis_timeout": float,
+    "redis_check_interval": float,
+    "redis_pool_size": int,
     "max_fragments": int,
     "ws_frame_rate": float,
     "ws_inflate_rate": float,
