@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from .backends.base import HistoryOptions
 from .protocol import namespace_of
 
-__all__ = ["ApiKey", "ConfigError", "Namespace", "Settings", "load_settings"]
+__all__ = ["ApiKey", "ConfigError", "Namespace", "Settings", "cpu_count", "load_settings", "parse_workers"]
 
 API_ROLES = ("publish", "read", "admin")
 SUBSCRIBE_RULES = ("anyone", "authenticated", "token")
@@ -77,6 +77,7 @@ class Settings:
     port: int = 8888
     data_dir: Path = Path("tidings-data")
     broker: str = ""  # "" = sqlite:///<data_dir>/tidings.db
+    workers: int = 1  # processes accepting on host:port (serve --workers); "auto" = one per CPU
     api_keys: list[ApiKey] = field(default_factory=list)
     allowed_origins: list[str] = field(default_factory=list)
     trusted_proxies: list[str] = field(default_factory=list)
@@ -152,6 +153,7 @@ _SCALARS: dict[str, type] = {
     "port": int,
     "data_dir": Path,
     "broker": str,
+    "workers": int,
     "token_secret": str,
     "token_public_key": str,
     "token_jwks": str,
@@ -240,7 +242,32 @@ def _check_public_url(url: str) -> None:
         )
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask, so a container's cpuset counts), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def parse_workers(value: Any) -> int:
+    """``workers``: a whole number from 1, or ``"auto"`` for :func:`cpu_count`."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return cpu_count()
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"workers: {value!r} is not a number of processes or 'auto'") from None
+    if n < 1:
+        raise ConfigError("workers must be at least 1 (or 'auto')")
+    return n
+
+
 def _coerce(name: str, value: Any) -> Any:
+    if name == "workers":
+        return parse_workers(value)
     if name == "api_keys":
         return _api_keys(value)
     if name in _LISTS:

@@ -6,6 +6,7 @@ refuses an unknown scheme with a :class:`BrokerURLError` that names the known on
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -26,6 +27,7 @@ __all__ = [
     "PresenceStore",
     "SqliteBroker",
     "broker_from_url",
+    "display_url",
     "is_shared_url",
     "register_broker",
 ]
@@ -126,3 +128,11 @@ def broker_from_url(url: str, opts: BrokerOptions | None = None) -> Broker:
         # The URL itself is not repeated: it may hold a password.
         raise BrokerURLError(f"unknown broker {what}: this server knows {known}")
     return factory(parts, opts or BrokerOptions())
+
+
+_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@|((?:^|[?&])password=)[^&]*", re.I)
+
+
+def display_url(url: str) -> str:
+    """``url`` for a log line: a password (``user:password@``, ``?password=``) replaced by ``***``."""
+    return _PASSWORD.sub(lambda m: f"{m[1]}***@" if m[1] else f"{m[2]}***", url)
