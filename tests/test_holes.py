@@ -236,7 +236,7 @@ def test_unknown_broker_scheme_is_one_clear_line(tmp_path: Path) -> None:
             "--data-dir",
             str(tmp_path),
             "--broker",
-            "redis://user:hunter2@127.0.0.1:6379/0",
+            "nats://user:hunter2@127.0.0.1:4222",
         ],
         capture_output=True,
         text=True,

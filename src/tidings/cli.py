@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to listen on (default 127.0.0.1; env TIDINGS_HOST)")
     s.add_argument("--port", type=int, help="port (default 8888; env TIDINGS_PORT)")
     s.add_argument("--data-dir", help="where history and the API key live (default ./tidings-data)")
-    s.add_argument("--broker", help="memory:// | sqlite:///path (default: SQLite in the data dir)")
+    s.add_argument("--broker", help="memory:// | sqlite:///path | redis://host:port/db (default: SQLite)")
     s.add_argument("--config", help="TOML configuration file (env TIDINGS_CONFIG)")
     s.add_argument("--allowed-origin", action="append", help="origin allowed to open WebSockets (repeat)")
     s.add_argument("--max-message-size", type=int, help="largest incoming message in bytes (default 65536)")

@@ -83,6 +83,9 @@ def _sqlite(url: SplitResult, opts: BrokerOptions) -> Broker:
 def _redis(url: SplitResult, opts: BrokerOptions) -> Broker:
     from .redis import RedisBroker, RedisTarget
 
+    if not opts.redis_prefix or any(c in opts.redis_prefix for c in "{}"):
+        raise BrokerURLError("redis_prefix must be non-empty and hold no '{' or '}'")
+
     try:
         port = url.port or 6379
     except ValueError:
