@@ -575,3 +575,45 @@ async def test_workers_exit_when_a_real_supervisor_is_killed(deployment: Deploym
     deployment.proc.kill()
     deployment.proc.wait(10)
     await asyncio.to_thread(wait_for, lambda: all(gone(p) for p in deployment.pids), 20, "orphaned workers")
+
+
+async def test_a_form_from_one_worker_posts_to_another(deployment: Deployment) -> None:
+    """What the page signs (its XSRF token) is derived from the API key the supervisor created once, so
+    a page served by one worker can be posted to another."""
+    d = deployment
+    await asyncio.to_thread(d.start)
+    assert d.text().count("API key created in") == 1  # by the supervisor, before any worker started
+    pinned: dict[int, aiohttp.ClientSession] = {}  # one kept-alive connection per session: one worker
+    try:
+        async with asyncio.timeout(20):
+            while len(pinned) < 2:
+                s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+                async with s.get(f"{d.http}/healthz") as r:
+                    pid = int((await r.json())["pid"])
+                if pid in pinned:
+                    await s.close()
+                else:
+                    pinned[pid] = s
+        page, post = (pinned[p] for p in d.pids)
+        async with page.get(f"{d.http}/chat/lobby") as r:
+            assert r.status == 200
+            text = await r.text()
+            cookie = r.cookies["_xsrf"].value
+        m = re.search(r'name="_xsrf" value="([^"]+)"', text)
+        assert m is not None and m[1] == cookie
+        async with post.post(
+            f"{d.http}/chat/lobby/messages",
+            data={"_xsrf": m[1], "body": "across workers", "nick": "w"},
+            headers={"Cookie": f"_xsrf={cookie}"},
+            allow_redirects=False,
+        ) as r:
+            assert r.status in (302, 303), await r.text()
+        for pid, s in pinned.items():  # each request stayed on its worker
+            async with s.get(f"{d.http}/healthz") as r:
+                assert int((await r.json())["pid"]) == pid
+    finally:
+        for s in pinned.values():
+            await s.close()
+    async with HTTPClient(d.http, d.api_key()) as api:
+        pubs, _, _ = await api.history("chat:lobby")
+    assert [p.data["body"] for p in pubs] == ["across workers"]

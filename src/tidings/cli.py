@@ -92,7 +92,7 @@ async def serve(
             worker.index,
             worker.count,
             os.getpid(),
-            host,
+            _url_host(host),
             port,
         )
         notify_ready(worker)
@@ -102,7 +102,7 @@ async def serve(
         log.info(
             "tidings %s listening on http://%s:%s (WebSocket /ws); history: %s; %s",
             __version__,
-            host,
+            _url_host(host),
             port,
             _history_note(settings),
             key_note,
@@ -113,6 +113,10 @@ async def serve(
     log.info("shutting down")
     await runner.cleanup()
     return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _history_note(settings: Settings) -> str:
@@ -166,7 +170,7 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
             __version__,
             n,
             " ".join(map(str, pids)),
-            settings.host,
+            _url_host(settings.host),
             port,
             _history_note(settings),
             key_note,
