@@ -100,6 +100,13 @@ def test_workers_refusals_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stderr.startswith("tidings: configuration error: workers: 'two'")
     r = serve("--workers", "2", "--broker", "nope://x")
     assert r.returncode == 2 and r.stderr.startswith("tidings: configuration error: unknown broker scheme")
+    # A malformed shared URL is found by the supervisor itself: one line, before any worker starts.
+    r = serve("--workers", "2", "--broker", "redis://127.0.0.1:port/0", "--data-dir", str(tmp_path / "d"))
+    assert (r.returncode, r.stderr) == (
+        2,
+        "tidings: configuration error: a redis URL's port must be a number: redis://host:6379/0\n",
+    )
+    assert not (tmp_path / "d").exists()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
