@@ -274,6 +274,14 @@ def test_supervisor_start_failure_of_a_later_worker_stops_the_others(tmp_path: P
     assert all(gone(pid) for _, pid in fake.starts())
 
 
+def test_supervisor_without_a_worker_binary_fails_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sup = Supervisor(2, command=[str(tmp_path / "no-such-python")])
+    assert sup.run() == 1
+    assert "cannot start worker 1" in caplog.text and not sup.workers
+
+
 def test_supervisor_restarts_a_worker_that_died(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "tidings.supervisor")
     fake = Fake(tmp_path, "2=crash-once")
