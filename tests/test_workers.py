@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tidings.backends import BROKERS, display_url, is_shared_url
+from tidings.backends import display_url, is_shared_url
 from tidings.client import Client, HTTPClient
 from tidings.config import ConfigError, cpu_count, load_settings, parse_workers
 from tidings.protocol import Publication
@@ -101,6 +100,13 @@ def test_workers_refusals_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stderr.startswith("tidings: configuration error: workers: 'two'")
     r = serve("--workers", "2", "--broker", "nope://x")
     assert r.returncode == 2 and r.stderr.startswith("tidings: configuration error: unknown broker scheme")
+    # A malformed shared URL is found by the supervisor itself: one line, before any worker starts.
+    r = serve("--workers", "2", "--broker", "redis://127.0.0.1:port/0", "--data-dir", str(tmp_path / "d"))
+    assert (r.returncode, r.stderr) == (
+        2,
+        "tidings: configuration error: a redis URL's port must be a number: redis://host:6379/0\n",
+    )
+    assert not (tmp_path / "d").exists()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
@@ -268,6 +274,14 @@ def test_supervisor_start_failure_of_a_later_worker_stops_the_others(tmp_path: P
     assert all(gone(pid) for _, pid in fake.starts())
 
 
+def test_supervisor_without_a_worker_binary_fails_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sup = Supervisor(2, command=[str(tmp_path / "no-such-python")])
+    assert sup.run() == 1
+    assert "cannot start worker 1" in caplog.text and not sup.workers
+
+
 def test_supervisor_restarts_a_worker_that_died(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "tidings.supervisor")
     fake = Fake(tmp_path, "2=crash-once")
@@ -358,55 +372,6 @@ def test_workers_exit_when_the_supervisor_is_killed(
 
 
 # ---------------------------------------------------------------------------------------------- with Redis
-
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    """A redis-server of its own on a free loopback port, without persistence."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not Path(binary).exists():
-        pytest.fail("redis-server is missing: install Debian's redis-server package (scripts/test does)")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
-                c.sendall(b"PING\r\n")
-                return c.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    try:
-        wait_for(up, 10, "redis-server did not start")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-needs_redis_broker = pytest.mark.skipif(
-    "redis" not in BROKERS, reason="RedisBroker (backends/redis.py) is not in this checkout yet"
-)
 
 
 @dataclass
@@ -516,7 +481,6 @@ async def collect(sub: object, into: list[Publication]) -> None:
         into.append(pub)
 
 
-@needs_redis_broker
 async def test_two_workers_share_a_port_restart_and_drain(deployment: Deployment) -> None:
     d = deployment
     await asyncio.to_thread(d.start)
@@ -532,10 +496,13 @@ async def test_two_workers_share_a_port_restart_and_drain(deployment: Deployment
     clients: list[Client] = []
     got: dict[int, list[Publication]] = {}
     tasks: list[asyncio.Task[None]] = []
+    drops: list[object] = []
     try:
         async with asyncio.timeout(30):
             while True:
-                c = Client(d.ws_url, min_backoff=0.05, max_backoff=0.5)
+                # A backoff of at least 0.5 s: a client cut off stays away long enough to miss publications.
+                c = Client(d.ws_url, min_backoff=0.5, max_backoff=1.0)
+                c.on("disconnect", lambda event: drops.append(event))
                 await c.connect(timeout=10)
                 sub = await c.subscribe(channel)
                 got[len(clients)] = []
@@ -563,12 +530,20 @@ async def test_two_workers_share_a_port_restart_and_drain(deployment: Deployment
             victim = d.pids[0]
             on_victim = counts[victim]
             os.kill(victim, signal.SIGKILL)
-            for i in range(5, 25):
-                await api.publish(channel, {"n": i})  # the surviving worker takes them (and the restarted)
+            async with asyncio.timeout(10):
+                while len(drops) < on_victim:
+                    await asyncio.sleep(0.01)
+            for i in range(5, 15):
+                await api.publish(channel, {"n": i})  # only the surviving worker listens now
+            away = [c for c in clients if not c.connected]
+            assert away, "the victim's clients were back before the publications: nothing was missed"
             await asyncio.to_thread(
                 wait_for, lambda: "worker 1 is back" in d.text(), 30, "worker 1 was not restarted"
             )
+            for i in range(15, 25):
+                await api.publish(channel, {"n": i})
             await everyone_has(25)
+            assert all(c.connected for c in clients)
         assert f"worker 1 (pid {victim}) was killed by SIGKILL; starting it again" in d.text()
         m = re.search(r"worker 1 is back \(pid (\d+)\)", d.text())
         assert m is not None
@@ -578,7 +553,9 @@ async def test_two_workers_share_a_port_restart_and_drain(deployment: Deployment
         for g in got.values():
             assert [p.data["n"] for p in g] == list(range(25))
             assert [p.offset for p in g] == list(range(1, 26))
-        assert sum(c.connects - 1 for c in clients) == on_victim  # exactly the victim's clients reconnected
+        assert len(drops) == on_victim  # exactly the victim's clients were cut off, and each came back once
+        assert sum(c.connects - 1 for c in clients) == on_victim
+        assert all(c.subscriptions[channel].gaps == 0 for c in clients)
     finally:
         for c in clients:
             await c.close()
@@ -591,7 +568,6 @@ async def test_two_workers_share_a_port_restart_and_drain(deployment: Deployment
     assert "all workers stopped" in d.text() and "Traceback" not in d.text()
 
 
-@needs_redis_broker
 def test_a_worker_that_cannot_start_stops_the_deployment(tmp_path: Path) -> None:
     """Redis unreachable at start-up: worker 1 says so once, and the supervisor exits with its code."""
     s = socket.socket()
@@ -608,10 +584,51 @@ def test_a_worker_that_cannot_start_stops_the_deployment(tmp_path: Path) -> None
     assert "worker 2" not in r.stderr
 
 
-@needs_redis_broker
 async def test_workers_exit_when_a_real_supervisor_is_killed(deployment: Deployment) -> None:
     await asyncio.to_thread(deployment.start)
     assert deployment.proc is not None
     deployment.proc.kill()
     deployment.proc.wait(10)
     await asyncio.to_thread(wait_for, lambda: all(gone(p) for p in deployment.pids), 20, "orphaned workers")
+
+
+async def test_a_form_from_one_worker_posts_to_another(deployment: Deployment) -> None:
+    """What the page signs (its XSRF token) is derived from the API key the supervisor created once, so
+    a page served by one worker can be posted to another."""
+    d = deployment
+    await asyncio.to_thread(d.start)
+    assert d.text().count("API key created in") == 1  # by the supervisor, before any worker started
+    pinned: dict[int, aiohttp.ClientSession] = {}  # one kept-alive connection per session: one worker
+    try:
+        async with asyncio.timeout(20):
+            while len(pinned) < 2:
+                s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+                async with s.get(f"{d.http}/healthz") as r:
+                    pid = int((await r.json())["pid"])
+                if pid in pinned:
+                    await s.close()
+                else:
+                    pinned[pid] = s
+        page, post = (pinned[p] for p in d.pids)
+        async with page.get(f"{d.http}/chat/lobby") as r:
+            assert r.status == 200
+            text = await r.text()
+            cookie = r.cookies["_xsrf"].value
+        m = re.search(r'name="_xsrf" value="([^"]+)"', text)
+        assert m is not None and m[1] == cookie
+        async with post.post(
+            f"{d.http}/chat/lobby/messages",
+            data={"_xsrf": m[1], "body": "across workers", "nick": "w"},
+            headers={"Cookie": f"_xsrf={cookie}"},
+            allow_redirects=False,
+        ) as r:
+            assert r.status in (302, 303), await r.text()
+        for pid, s in pinned.items():  # each request stayed on its worker
+            async with s.get(f"{d.http}/healthz") as r:
+                assert int((await r.json())["pid"]) == pid
+    finally:
+        for s in pinned.values():
+            await s.close()
+    async with HTTPClient(d.http, d.api_key()) as api:
+        pubs, _, _ = await api.history("chat:lobby")
+    assert [p.data["body"] for p in pubs] == ["across workers"]

@@ -21,16 +21,15 @@ from .transports.server import check_aiohttp
 from .transports.websocket import ws_handler
 from .transports.wsbase import HEARTBEAT, Heartbeat
 
-__all__ = ["create_app"]
+__all__ = ["broker_options", "create_app"]
 
 log = logging.getLogger("tidings")
 SHUTDOWN_GRACE = 3.0
 
 
-def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
-    """A ready aiohttp application. ``broker`` overrides the one named by ``settings.broker_url``."""
-    check_aiohttp()
-    opts = BrokerOptions(
+def broker_options(settings: Settings) -> BrokerOptions:
+    """What the broker factories take from the settings."""
+    return BrokerOptions(
         sqlite_synchronous=settings.sqlite_synchronous,
         history_cache_bytes=settings.history_cache_bytes,
         max_history_bytes=settings.max_history_bytes,
@@ -41,7 +40,12 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
         redis_check_interval=settings.redis_check_interval,
         redis_pool_size=settings.redis_pool_size,
     )
-    node = Node(settings, broker or broker_from_url(settings.broker_url, opts))
+
+
+def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
+    """A ready aiohttp application. ``broker`` overrides the one named by ``settings.broker_url``."""
+    check_aiohttp()
+    node = Node(settings, broker or broker_from_url(settings.broker_url, broker_options(settings)))
     app = web.Application(
         middlewares=[security_headers, error_middleware], client_max_size=settings.max_http_body
     )

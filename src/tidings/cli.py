@@ -92,7 +92,7 @@ async def serve(
             worker.index,
             worker.count,
             os.getpid(),
-            host,
+            _url_host(host),
             port,
         )
         notify_ready(worker)
@@ -102,7 +102,7 @@ async def serve(
         log.info(
             "tidings %s listening on http://%s:%s (WebSocket /ws); history: %s; %s",
             __version__,
-            host,
+            _url_host(host),
             port,
             _history_note(settings),
             key_note,
@@ -113,6 +113,10 @@ async def serve(
     log.info("shutting down")
     await runner.cleanup()
     return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _history_note(settings: Settings) -> str:
@@ -131,9 +135,9 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     url = settings.broker_url
     if not is_shared_url(url):
-        if urlsplit(url).scheme.lower() not in BROKERS:
+        if urlsplit(url).scheme.lower() not in BROKERS:  # an unknown scheme: say which ones there are
             try:
-                broker_from_url(url)  # an unknown scheme: say which ones there are
+                broker_from_url(url)
             except BrokerURLError as exc:
                 print(f"tidings: configuration error: {exc}", file=sys.stderr)
                 return 2
@@ -143,6 +147,16 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    from .app import broker_options
+
+    try:  # the URL checked once, here (a broker object connects only when started)
+        broker_from_url(url, broker_options(settings))
+    except BrokerURLError as exc:
+        print(f"tidings: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except BrokerError as exc:
+        print(f"tidings: cannot start: storage: {exc} (check data_dir and broker)", file=sys.stderr)
+        return 1
     if not hasattr(socket, "SO_REUSEPORT"):  # pragma: no cover - Windows
         print("tidings: --workers needs SO_REUSEPORT, which this platform does not have", file=sys.stderr)
         return 2
@@ -166,7 +180,7 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
             __version__,
             n,
             " ".join(map(str, pids)),
-            settings.host,
+            _url_host(settings.host),
             port,
             _history_note(settings),
             key_note,

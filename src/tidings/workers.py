@@ -358,13 +358,18 @@ class Supervisor:
 
     def _start_all(self) -> int | None:
         """Worker 1, then the rest. None once all listen; else the exit code (all stopped)."""
-        self._spawn(1)
-        code = self._await_ready()
-        if code is not None:
-            return code
-        for index in range(2, self.count + 1):
-            self._spawn(index)
-        return self._await_ready()
+        for first, last in ((1, 1), (2, self.count)):
+            for index in range(first, last + 1):
+                try:
+                    self._spawn(index)
+                except OSError as exc:  # no process at all (ENOMEM, EAGAIN, a missing interpreter)
+                    log.error("cannot start worker %d: %s; stopping", index, exc)
+                    self._shutdown()
+                    return 1
+            code = self._await_ready()
+            if code is not None:
+                return code
+        return None
 
     def _await_ready(self) -> int | None:
         deadline = time.monotonic() + self.start_timeout
