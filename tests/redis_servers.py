@@ -672,14 +672,19 @@ class RedisCluster:
 
 class RedisSentinel:
     """A master and a replica (``servers``), watched by three sentinels (``sentinels``, each a
-    ``redis-server sentinel.conf --sentinel``) with quorum 2 under the master name ``tidings``."""
+    ``redis-server sentinel.conf --sentinel``) with quorum 2 under the master name ``tidings``.
+
+    ``down_after_ms`` must stay well above 1000: a sentinel pings every min(down_after, 1000) ms and, on a
+    fresh link (right after a failover), counts the wait from the link's creation, so with 1000 it may
+    find the new master "down" just as its first PING goes out, and fail over again (seen here).
+    """
 
     def __init__(
         self,
         dir: Path,
         *,
         persistence: Persistence = "none",
-        down_after_ms: int = 1000,
+        down_after_ms: int = 2000,
         failover_timeout_ms: int = 3000,
         quorum: int = 2,
         n_sentinels: int = 3,
