@@ -26,6 +26,7 @@ from tidings.transports.server import make_runner
 from .browser_helpers import PlaywrightError, Watch, chromium
 from .conftest import API_KEY, Server, ServerFactory, bound_socket, make_settings
 from .test_auth import SECRET, hs
+from .test_python_client import LossyBroker
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
@@ -229,3 +230,51 @@ async def test_unavailable_on_resubscribe_keeps_the_subscription(
         assert watch.problems() == []
     finally:
         await runner.cleanup()
+
+
+async def test_insufficient_state_resubscribes_from_the_last_position(
+    browser: Browser, start_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    """The node misses 3 publications, then ends the page's subscription with the `insufficient_state`
+    push: tidings.js subscribes again at once with `since` (no reconnect): recovered true, every
+    publication once, in order, and no `unsubscribed`."""
+    broker = LossyBroker()
+    srv = await start_server(broker_impl=broker)
+    watch = Watch()
+    page = await js_page(browser, srv, watch)
+    await page.evaluate("""() => {
+      window.log = {pubs: [], ended: [], gaps: [], subscribed: [], disconnects: 0};
+      const c = window.client = new Tidings({minReconnectDelay: 100, maxReconnectDelay: 1000});
+      c.on("unsubscribed", (e) => log.ended.push(e));
+      c.on("gap", (e) => log.gaps.push(e));
+      c.on("subscribed", (e) => log.subscribed.push(e.recovered));
+      c.on("disconnect", () => log.disconnects++);
+      c.connect();
+      return c.subscribe("pub:lossy", (p) => log.pubs.push([p.offset, p.data]));
+    }""")
+
+    async def publish(data: int) -> None:
+        async with session.post(
+            f"{srv.http}/api/publish",
+            json={"channel": "pub:lossy", "data": data},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+
+    await publish(1)
+    await page.wait_for_function("log.pubs.length === 1", timeout=10_000)
+    broker.dropping.add("pub:lossy")
+    for i in (2, 3, 4):  # stored, never delivered live by this node
+        await publish(i)
+    broker.dropping.clear()
+    srv.node.subscriptions.lost("pub:lossy")
+    await publish(5)
+    await page.wait_for_function("log.pubs.length === 5", timeout=10_000)
+    await publish(6)
+    await page.wait_for_function("log.pubs.length === 6", timeout=10_000)
+    log = await page.evaluate("() => ({...log, subs: client.subscriptions()})")
+    assert log["pubs"] == [[i, i] for i in range(1, 7)]
+    assert log["subscribed"] == [None, True]  # the first subscribe, then the recovered re-subscribe
+    assert log["ended"] == [] and log["gaps"] == [] and log["disconnects"] == 0
+    assert log["subs"] == ["pub:lossy"]
+    assert watch.problems() == []

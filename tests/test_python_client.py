@@ -22,7 +22,7 @@ import pytest
 
 from tidings import SyncHTTPClient
 from tidings.auth import read_api_key
-from tidings.backends.base import BrokerError, HistoryOptions, HistoryResult
+from tidings.backends.base import BrokerError, BrokerHandler, HistoryOptions, HistoryResult
 from tidings.backends.memory import MemoryBroker
 from tidings.client import (
     EVENTS,
@@ -31,6 +31,7 @@ from tidings.client import (
     ClientClosed,
     ConnectedEvent,
     DisconnectEvent,
+    GapEvent,
     HTTPClient,
     PresenceEvent,
     RequestError,
@@ -39,7 +40,7 @@ from tidings.client import (
     UnsubscribedEvent,
 )
 from tidings.config import Namespace
-from tidings.protocol import CloseCode
+from tidings.protocol import CloseCode, Publication, StreamPosition
 from tidings.transports.websocket import WsConnection
 
 from .conftest import API_KEY, Proc, Server, ServerFactory
@@ -467,6 +468,146 @@ async def test_disconnect_push_without_reconnect_stops_the_client(start_server: 
         with pytest.raises(ClientClosed):
             await sub.get(timeout=1)
         assert sub.end_code == "closed"
+
+
+# ------------------------------------------------------------------------------ insufficient_state
+
+
+class _Filter:
+    """Between the broker and the node: drops the live publications of ``dropping`` channels."""
+
+    def __init__(self, handler: BrokerHandler, dropping: set[str]) -> None:
+        self.handler = handler
+        self.dropping = dropping
+        self.deliver_event = handler.deliver_event
+        self.lost = handler.lost
+
+    def deliver(self, pub: Publication) -> object:
+        return None if pub.channel in self.dropping else self.handler.deliver(pub)
+
+
+class LossyBroker(MemoryBroker):
+    """The memory broker as one node of a multi-node deployment sees a Pub/Sub that drops messages:
+    publications of the channels in ``dropping`` are stored (history has them) but never reach this
+    node's live fan-out. The test then calls ``node.subscriptions.lost(channel)``, as the broker does when
+    it finds the gap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropping: set[str] = set()
+
+    async def start(self, handler: BrokerHandler) -> None:
+        await super().start(_Filter(handler, self.dropping))
+
+
+async def test_insufficient_state_resubscribes_from_the_last_position(start_server: ServerFactory) -> None:
+    """The node misses publications 3-5 of a channel, then ends its subscriptions (``insufficient_state``
+    push). The client subscribes again at once with ``since`` on the same connection: recovered true, every
+    publication once and in order, the same Subscription, no ``unsubscribed``. A subscription with a fixed
+    token (no ``get_token``) goes on the same way."""
+    broker = LossyBroker()
+    srv = await token_server(start_server, broker_impl=broker)
+    client = Client(srv.ws_url, **FAST)
+    rec = Recorder(client)
+    async with client, HTTPClient(srv.http, API_KEY) as api:
+        sub = await client.subscribe("pub:lossy")
+        token = hs({"channel": "priv:lossy", "exp": time.time() + 300})
+        priv = await client.subscribe("priv:lossy", token=token)
+        for i in range(3):
+            await api.publish("pub:lossy", i)
+            await api.publish("priv:lossy", i)
+        assert await take(sub, 3) == [0, 1, 2] and await take(priv, 3) == [0, 1, 2]
+        broker.dropping |= {"pub:lossy", "priv:lossy"}
+        for i in range(3, 6):  # stored, never delivered live by this node
+            await api.publish("pub:lossy", i)
+            await api.publish("priv:lossy", i)
+        broker.dropping.clear()
+        mark = rec.mark()
+        srv.node.subscriptions.lost("pub:lossy")
+        srv.node.subscriptions.lost("priv:lossy")
+        for i in range(6, 9):  # racing the re-subscribe
+            await api.publish("pub:lossy", i)
+            await api.publish("priv:lossy", i)
+        got = [await sub.get(timeout=5) for _ in range(6)]
+        assert [p.data for p in got] == [3, 4, 5, 6, 7, 8] and [p.offset for p in got] == [4, 5, 6, 7, 8, 9]
+        assert await take(priv, 6) == [3, 4, 5, 6, 7, 8]
+        await api.publish("pub:lossy", 9)  # nothing was repeated before it
+        assert await take(sub, 1) == [9]
+        await rec.wait(lambda: rec.count("subscribed", mark) == 2)
+        again = {e.channel: e for e in rec.events("subscribed", mark)}
+        assert again["pub:lossy"].recovered is True and again["priv:lossy"].recovered is True
+        assert rec.count("unsubscribed") == 0 and rec.count("gap") == 0 and rec.count("error") == 0
+        assert rec.count("disconnect") == 0 and client.connects == 1
+        assert client.subscriptions == {"pub:lossy": sub, "priv:lossy": priv}
+        assert sub.active and priv.active and sub.gaps == 0 and sub.recovered is True
+        assert client.position("pub:lossy") == StreamPosition(10, got[0].epoch)
+
+
+async def test_insufficient_state_beyond_history_tells_the_app(start_server: ServerFactory) -> None:
+    """The node misses more than the channel's history keeps (``small``: 5): the re-subscribe answers
+    recovered false, so the app gets ``gap`` (not_recovered; ``on_gap`` too) and the subscription goes on
+    from the server's top; still no ``unsubscribed``."""
+    broker = LossyBroker()
+    srv = await start_server(broker_impl=broker)
+    client = Client(srv.ws_url, **FAST)
+    rec = Recorder(client)
+    told: list[Subscription] = []
+    async with client, HTTPClient(srv.http, API_KEY) as api:
+        sub = await client.subscribe("small:lossy", on_gap=told.append)
+        for i in range(2):
+            await api.publish("small:lossy", i)
+        assert await take(sub, 2) == [0, 1]
+        before = sub.position
+        assert before is not None and before.offset == 2
+        broker.dropping.add("small:lossy")
+        for i in range(2, 9):  # offsets 3-9: only 5-9 are kept
+            await api.publish("small:lossy", i)
+        broker.dropping.clear()
+        mark = rec.mark()
+        srv.node.subscriptions.lost("small:lossy")
+        await rec.wait(lambda: rec.count("gap", mark) == 1 and rec.count("subscribed", mark) == 1)
+        top = StreamPosition(9, before.epoch)
+        assert rec.events("gap", mark) == [GapEvent("small:lossy", "not_recovered", False, before, top)]
+        assert rec.events("subscribed", mark) == [SubscribedEvent("small:lossy", 9, before.epoch, False)]
+        assert told == [sub] and sub.gaps == 1 and sub.recovered is False and sub.position == top
+        await api.publish("small:lossy", 9)
+        got = await sub.get(timeout=5)
+        assert (got.data, got.offset) == (9, 10)
+        assert rec.count("unsubscribed") == 0 and rec.count("disconnect") == 0 and sub.active
+
+
+async def test_insufficient_state_again_and_again_while_publishing(start_server: ServerFactory) -> None:
+    """``lost`` every few milliseconds while 200 publications flow (some of them while the re-subscribe is
+    catching up, so the server sends the push right after its reply): each publication once, in order."""
+    srv = await start_server()
+    client = Client(srv.ws_url, **FAST)
+    rec = Recorder(client)
+    async with client, HTTPClient(srv.http, API_KEY) as api:
+        sub = await client.subscribe("pub:churn")
+        done = False
+
+        async def churn() -> int:
+            n = 0
+            while not done:
+                srv.node.subscriptions.lost("pub:churn")
+                n += 1
+                await asyncio.sleep(0.005)
+            return n
+
+        task = asyncio.create_task(churn())
+        try:
+            await publish_paced(api, "pub:churn", 200, 400)
+        finally:
+            done = True
+            losses = await task
+        got = [await sub.get(timeout=5) for _ in range(200)]
+        assert [p.data for p in got] == list(range(200)) and [p.offset for p in got] == list(range(1, 201))
+        await api.publish("pub:churn", "last")
+        assert await take(sub, 1) == ["last"]
+    resubscribes = rec.events("subscribed")[1:]
+    assert losses > 10 and len(resubscribes) >= 10, (losses, len(resubscribes))
+    assert all(e.recovered is True for e in resubscribes)
+    assert rec.count("unsubscribed") == 0 and rec.count("gap") == 0 and rec.count("disconnect") == 0
 
 
 # ---------------------------------------------------------------------------------------------- HTTP

@@ -50,7 +50,10 @@ export type ServerErrorCode =
   | "not_available"
   | "not_found"
   | "internal"
-  | "unavailable";
+  | "unavailable"
+  /** Only in an `unsubscribe` push: the node could not keep the subscription gapless (the client
+   * subscribes again from its position by itself). */
+  | "insufficient_state";
 
 export type ClientErrorCode =
   /** No reply in time (or no connection in time). */

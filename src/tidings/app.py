@@ -36,6 +36,10 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
         max_history_bytes=settings.max_history_bytes,
         idempotency_window=settings.idempotency_window,
         idempotency_max_keys=settings.idempotency_max_keys,
+        redis_prefix=settings.redis_prefix,
+        redis_timeout=settings.redis_timeout,
+        redis_check_interval=settings.redis_check_interval,
+        redis_pool_size=settings.redis_pool_size,
     )
     node = Node(settings, broker or broker_from_url(settings.broker_url, opts))
     app = web.Application(

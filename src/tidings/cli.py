@@ -12,14 +12,16 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import orjson
 
 from . import __version__
 from .auth import StorageError, ensure_api_key, read_api_key
-from .backends import BrokerError, BrokerURLError
+from .backends import BROKERS, BrokerError, BrokerURLError, broker_from_url, display_url, is_shared_url
 from .config import ApiKey, ConfigError, Settings, load_settings
 from .protocol import StreamPosition
+from .workers import WorkerInfo
 
 if TYPE_CHECKING:
     from .client import HTTPClient
@@ -41,11 +43,16 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 # ---------------------------------------------------------------------------------------------- serve
 
 
-async def serve(settings: Settings, sock: socket.socket | None = None) -> int:
+async def serve(
+    settings: Settings, sock: socket.socket | None = None, worker: WorkerInfo | None = None
+) -> int:
+    """Run one server process until SIGTERM/SIGINT: the whole server, or worker ``worker`` of a
+    ``--workers`` supervisor (which binds ``settings.port`` with SO_REUSEPORT next to its siblings)."""
     from aiohttp import web
 
     from .app import create_app
     from .transports.server import fit_open_files, log_accept_errors, make_runner
+    from .workers import notify_ready, watch_supervisor
 
     key_note = "API keys from configuration"
     if not settings.api_keys:
@@ -61,36 +68,124 @@ async def serve(settings: Settings, sock: socket.socket | None = None) -> int:
         site: web.BaseSite = web.SockSite(runner, sock)
         host, port = sock.getsockname()[:2]
     else:
-        site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
+        site = web.TCPSite(
+            runner,
+            settings.host,
+            settings.port,
+            backlog=4096,
+            reuse_address=True,
+            reuse_port=worker is not None,  # one process alone binds the port exclusively
+        )
         host, port = settings.host, settings.port
-    await site.start()
-    log.info("%s", open_files)
-    if port == 0 and runner.addresses:
-        host, port = runner.addresses[0][:2]
-    data = (
-        settings.broker_url
-        if settings.broker
-        else f"{settings.broker_url} (data dir {settings.data_dir.resolve()})"
-    )
-    log.info(
-        "tidings %s listening on http://%s:%s (WebSocket /ws); history: %s; %s",
-        __version__,
-        host,
-        port,
-        data,
-        key_note,
-    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await site.start()
+    log.info("%s", open_files)
+    if port == 0 and runner.addresses:
+        host, port = runner.addresses[0][:2]
+    watcher: asyncio.Task[None] | None = None
+    if worker is not None:
+        log.info(
+            "worker %d/%d (pid %d) listening on http://%s:%s",
+            worker.index,
+            worker.count,
+            os.getpid(),
+            host,
+            port,
+        )
+        notify_ready(worker)
+        # PR_SET_PDEATHSIG signals us when the supervisor dies; the poll covers where there is none.
+        watcher = loop.create_task(watch_supervisor(worker, stop.set))
+    else:
+        log.info(
+            "tidings %s listening on http://%s:%s (WebSocket /ws); history: %s; %s",
+            __version__,
+            host,
+            port,
+            _history_note(settings),
+            key_note,
+        )
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info("shutting down")
     await runner.cleanup()
     return 0
 
 
+def _history_note(settings: Settings) -> str:
+    if settings.broker:
+        return display_url(settings.broker_url)
+    return f"{settings.broker_url} (data dir {settings.data_dir.resolve()})"
+
+
+def _supervise(args: argparse.Namespace, settings: Settings) -> int:
+    """``--workers N`` (N > 1): what happens once per deployment, then the supervisor."""
+    from .workers import Supervisor, reserve_port
+
+    n = settings.workers
+    if args.fd is not None:
+        print("tidings: --fd is one process only; leave out --workers", file=sys.stderr)
+        return 2
+    url = settings.broker_url
+    if not is_shared_url(url):
+        if urlsplit(url).scheme.lower() not in BROKERS:
+            try:
+                broker_from_url(url)  # an unknown scheme: say which ones there are
+            except BrokerURLError as exc:
+                print(f"tidings: configuration error: {exc}", file=sys.stderr)
+                return 2
+        print(
+            f"tidings: --workers {n} needs a shared broker (redis://...); "
+            "memory:// and sqlite:// are one process only",
+            file=sys.stderr,
+        )
+        return 2
+    if not hasattr(socket, "SO_REUSEPORT"):  # pragma: no cover - Windows
+        print("tidings: --workers needs SO_REUSEPORT, which this platform does not have", file=sys.stderr)
+        return 2
+    key_note = "API keys from configuration"
+    if not settings.api_keys:  # created here, once, before any worker reads it
+        try:
+            _, path, created = ensure_api_key(settings.data_dir)
+        except StorageError as exc:
+            print(f"tidings: cannot start: {exc.strerror} (check data_dir)", file=sys.stderr)
+            return 1
+        key_note = f"API key {'created in' if created else 'in'} {path.resolve()}"
+    try:
+        held, port = reserve_port(settings.host, settings.port)
+    except OSError as exc:
+        print(f"tidings: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+    def ready(pids: list[int]) -> None:
+        log.info(
+            "tidings %s: %d workers (pids %s) listening on http://%s:%s (WebSocket /ws); history: %s; %s",
+            __version__,
+            n,
+            " ".join(map(str, pids)),
+            settings.host,
+            port,
+            _history_note(settings),
+            key_note,
+        )
+
+    log.info("supervisor (pid %d) starting %d workers", os.getpid(), n)
+    try:
+        return Supervisor(n, args.argv, port).run(ready)
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from .workers import tie_to_supervisor, worker_info
+
+    worker = worker_info(os.environ)  # set by a --workers supervisor for its workers, else None
+    if worker is not None:
+        tie_to_supervisor(worker)  # first of all: a worker never outlives its supervisor
     cli = {
         "host": args.host,
         "port": args.port,
@@ -99,18 +194,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "allowed_origins": args.allowed_origin,
         "max_message_size": args.max_message_size,
         "log_level": args.log_level,
+        "workers": args.workers,
     }
     try:
         settings = load_settings(cli, config_file=args.config)
     except ConfigError as exc:
         print(f"tidings: configuration error: {exc}", file=sys.stderr)
         return 2
+    tag = f" [worker {worker.index}]" if worker is not None else ""
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s"
     )
+    if worker is None and settings.workers > 1:
+        return _supervise(args, settings)
+    if worker is not None:
+        settings.port = worker.port  # the port the supervisor reserved (chosen by it when 0)
     sock = socket.socket(fileno=args.fd) if args.fd is not None else None
     try:
-        return _run(serve(settings, sock))
+        return _run(serve(settings, sock, worker))
     except BrokerURLError as exc:
         print(f"tidings: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -261,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-origin", action="append", help="origin allowed to open WebSockets (repeat)")
     s.add_argument("--max-message-size", type=int, help="largest incoming message in bytes (default 65536)")
     s.add_argument("--log-level", help="debug | info | warning | error (default info)")
+    s.add_argument(
+        "--workers",
+        help="processes accepting on the port, N or auto (one per CPU); above 1 needs a redis:// broker "
+        "(default 1; env TIDINGS_WORKERS)",
+    )
     s.add_argument("--fd", type=int, help=argparse.SUPPRESS)  # an already-bound listening socket (tests)
     s.set_defaults(func=_cmd_serve)
 
@@ -305,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --workers starts each worker with
     code: int = args.func(args)
     return code
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from .backends.base import HistoryOptions
 from .protocol import namespace_of
 
-__all__ = ["ApiKey", "ConfigError", "Namespace", "Settings", "load_settings"]
+__all__ = ["ApiKey", "ConfigError", "Namespace", "Settings", "cpu_count", "load_settings", "parse_workers"]
 
 API_ROLES = ("publish", "read", "admin")
 SUBSCRIBE_RULES = ("anyone", "authenticated", "token")
@@ -77,6 +77,7 @@ class Settings:
     port: int = 8888
     data_dir: Path = Path("tidings-data")
     broker: str = ""  # "" = sqlite:///<data_dir>/tidings.db
+    workers: int = 1  # processes accepting on host:port (serve --workers); "auto" = one per CPU
     api_keys: list[ApiKey] = field(default_factory=list)
     allowed_origins: list[str] = field(default_factory=list)
     trusted_proxies: list[str] = field(default_factory=list)
@@ -105,6 +106,10 @@ class Settings:
     )  # bytes of history stored in all; the least recently used channels lose theirs first
     idempotency_window: float = 300.0  # seconds a publish's idempotency_key is remembered
     idempotency_max_keys: int = 100_000  # idempotency keys remembered at most (the oldest go first)
+    redis_prefix: str = "tidings"  # the Redis broker's keys start with this
+    redis_timeout: float = 5.0  # seconds a Redis call may take before it answers unavailable
+    redis_check_interval: float = 2.0  # seconds between the Redis broker's position checks
+    redis_pool_size: int = 32  # Redis connections per process
     max_fragments: int = 1024  # frames of one incoming WebSocket message
     ws_frame_rate: float = 5000.0  # incoming WebSocket frames per second per connection (burst: twice that)
     ws_inflate_rate: float = (
@@ -148,6 +153,7 @@ _SCALARS: dict[str, type] = {
     "port": int,
     "data_dir": Path,
     "broker": str,
+    "workers": int,
     "token_secret": str,
     "token_public_key": str,
     "token_jwks": str,
@@ -166,6 +172,10 @@ _SCALARS: dict[str, type] = {
     "max_history_bytes": int,
     "idempotency_window": float,
     "idempotency_max_keys": int,
+    "redis_prefix": str,
+    "redis_timeout": float,
+    "redis_check_interval": float,
+    "redis_pool_size": int,
     "max_fragments": int,
     "ws_frame_rate": float,
     "ws_inflate_rate": float,
@@ -232,7 +242,32 @@ def _check_public_url(url: str) -> None:
         )
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask, so a container's cpuset counts), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def parse_workers(value: Any) -> int:
+    """``workers``: a whole number from 1, or ``"auto"`` for :func:`cpu_count`."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return cpu_count()
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"workers: {value!r} is not a number of processes or 'auto'") from None
+    if n < 1:
+        raise ConfigError("workers must be at least 1 (or 'auto')")
+    return n
+
+
 def _coerce(name: str, value: Any) -> Any:
+    if name == "workers":
+        return parse_workers(value)
     if name == "api_keys":
         return _api_keys(value)
     if name in _LISTS:

@@ -38,6 +38,11 @@ class Sink(Protocol):
         """Close soon; the clean-up (leaving channels) runs later on the loop, never inside this call."""
         ...
 
+    def lost(self, channel: str) -> None:
+        """The node could not keep this subscription gapless and has ended it (``Subscriptions.lost``):
+        tell the client, which may subscribe again from its last position."""
+        ...
+
 
 class _Sub:
     __slots__ = ("pending", "pending_bytes", "sink")

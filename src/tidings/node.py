@@ -48,7 +48,7 @@ class Node:
             self.drained.set()
 
     async def start(self) -> None:
-        await self.broker.start(self.hub)
+        await self.broker.start(self.subscriptions)
 
     async def close(self) -> None:
         await self.broker.close()

@@ -56,13 +56,31 @@ class Subscriber(Sink, Protocol):
 
 
 class Subscriptions:
-    """Every subscription on this node: channel membership (hub), presence and join/leave events."""
+    """Every subscription on this node: channel membership (hub), presence and join/leave events.
+
+    Also the node's :class:`~tidings.backends.base.BrokerHandler`: publications and events go straight
+    to the hub; ``lost`` ends a channel's subscriptions here, where presence and events are known."""
 
     def __init__(self, hub: Hub, broker: Broker, presence: PresenceStore) -> None:
         self.hub = hub
         self.broker = broker
         self.presence = presence
         self._of: dict[Sink, dict[str, Namespace]] = {}  # live and catching-up subscriptions per sink
+        # Catching-up subscriptions whose channel was lost meanwhile: ended once their reply went out.
+        self._lost: set[tuple[Sink, str]] = set()
+        self.deliver = hub.deliver  # the fan-out's hot path: no extra call in between
+        self.deliver_event = hub.deliver_event
+
+    def lost(self, channel: str) -> None:
+        """End every local subscription of ``channel`` and tell each client (``Sink.lost``). A
+        subscription still catching up ends as soon as it is set up, so its client always has its
+        subscribe reply before the ``unsubscribe`` push."""
+        for sink in self.hub.subscribers(channel):
+            if self.hub.is_live(channel, sink):
+                self.unsubscribe(sink, channel)
+                sink.lost(channel)
+            else:
+                self._lost.add((sink, channel))
 
     def channels_of(self, sink: Sink) -> dict[str, Namespace]:
         return self._of.get(sink, {})
@@ -100,6 +118,10 @@ class Subscriptions:
                 return None
         if not self.hub.go_live(channel, sink, outcome.live_after):
             self._forget(sink, channel)  # cut off while catching up
+            return None
+        if (sink, channel) in self._lost:
+            self._forget(sink, channel)
+            sink.lost(channel)
             return None
         if ns.presence:
             self.presence.add(channel, sink.client_id, sink.user)
@@ -140,6 +162,7 @@ class Subscriptions:
                 self.broker.publish_event(Event("leave", channel, sink.client_id, sink.user))
 
     def _forget(self, sink: Sink, channel: str) -> None:
+        self._lost.discard((sink, channel))
         self.hub.remove(channel, sink)
         subs = self._of.get(sink)
         if subs is not None:

@@ -622,16 +622,20 @@ export class Tidings {
         return;
       case "unsubscribe": {
         // The server ended one subscription: its grant expired (code token_expired, resubscribe:
-        // true) or its rights were withdrawn. With a getToken, subscribe again from the last position
-        // (nothing is lost); otherwise tell the app. Never silence.
+        // true), its rights were withdrawn, or the node could not keep it gapless (code
+        // insufficient_state, resubscribe: true). insufficient_state: subscribe again at once from the
+        // last position, as after a reconnect (the reply says recovered; a gap event if not), and the
+        // app sees no unsubscribed. token_expired: the same with a getToken; otherwise tell the app.
+        // Never silence.
         const sub = this._subs.get(msg.channel);
         if (!sub) return;
         clearTimeout(sub.refreshTimer);
         clearTimeout(sub.retry);
-        if (msg.resubscribe && typeof sub.getToken === "function" && this.state === "connected") {
+        const lost = msg.resubscribe && msg.code === "insufficient_state";
+        if (lost || (msg.resubscribe && typeof sub.getToken === "function" && this.state === "connected")) {
           sub.subscribed = false;
           sub.buffer = null;
-          this._sendSubscribe(sub);
+          if (this.state === "connected") this._sendSubscribe(sub); // else the reconnect resubscribes
           return;
         }
         this._endSub(sub, msg.code || "unsubscribed", msg.reason || "", !!msg.resubscribe, null);

@@ -96,9 +96,11 @@ async function freePort() {
   });
 }
 
-/** `tidings serve` in a subprocess; `restart()` keeps the data dir and the port. */
+/** `tidings serve` in a subprocess; `restart()` keeps the data dir and the port. `script`: a Python
+ * file to run instead (given `--port`, `--config` and the rest), e.g. test/lossy_server.py. */
 export class ServerProcess {
-  constructor({ config = CONFIG, port = 0 } = {}) {
+  constructor({ config = CONFIG, port = 0, script = null } = {}) {
+    this.script = script;
     this.dir = mkdtempSync(join(tmpdir(), "tidings-js-"));
     this.dataDir = join(this.dir, "data");
     mkdirSync(this.dataDir);
@@ -123,7 +125,8 @@ export class ServerProcess {
     const env = { ...process.env, PYTHONUNBUFFERED: "1" };
     const src = join(REPO, "src");
     env.PYTHONPATH = env.PYTHONPATH ? `${src}:${env.PYTHONPATH}` : src;
-    const args = ["-m", "tidings", "serve", "--host", "127.0.0.1", "--port", String(this.port), "--data-dir", this.dataDir, "--config", this.configPath];
+    const serve = this.script ? [this.script] : ["-m", "tidings", "serve", "--host", "127.0.0.1"];
+    const args = [...serve, "--port", String(this.port), "--data-dir", this.dataDir, "--config", this.configPath];
     const proc = spawn(PYTHON, args, { env, stdio: ["ignore", "pipe", "pipe"] });
     this.proc = proc;
     const exited = new Promise((resolve) => proc.once("exit", (code, signal) => resolve({ code, signal })));

@@ -6,9 +6,10 @@ refuses an unknown scheme with a :class:`BrokerURLError` that names the known on
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from .base import Broker, BrokerError, HistoryOptions, HistoryResult, IdempotencyOptions, PresenceStore
 from .memory import MemoryBroker
@@ -26,6 +27,8 @@ __all__ = [
     "PresenceStore",
     "SqliteBroker",
     "broker_from_url",
+    "display_url",
+    "is_shared_url",
     "register_broker",
 ]
 
@@ -43,6 +46,10 @@ class BrokerOptions:
     max_history_bytes: int = 256 << 20
     idempotency_window: float = 300.0  # seconds a publish's idempotency key is remembered
     idempotency_max_keys: int = 100_000
+    redis_prefix: str = "tidings"
+    redis_timeout: float = 5.0
+    redis_check_interval: float = 2.0
+    redis_pool_size: int = 32
 
 
 BrokerFactory = Callable[[SplitResult, BrokerOptions], Broker]
@@ -73,8 +80,43 @@ def _sqlite(url: SplitResult, opts: BrokerOptions) -> Broker:
     )
 
 
+def _redis(url: SplitResult, opts: BrokerOptions) -> Broker:
+    from .redis import RedisBroker, RedisTarget
+
+    try:
+        port = url.port or 6379
+    except ValueError:
+        raise BrokerURLError("a redis URL's port must be a number: redis://host:6379/0") from None
+    path = url.path.strip("/")
+    if path and not path.isdigit():
+        raise BrokerURLError("a redis URL's path is the database number: redis://host:6379/0")
+    target = RedisTarget(
+        host=url.hostname or "127.0.0.1",
+        port=port,
+        db=int(path or 0),
+        username=unquote(url.username) if url.username else None,
+        password=unquote(url.password) if url.password else None,
+        tls=url.scheme.lower() == "rediss",
+    )
+    return RedisBroker(
+        target,
+        prefix=opts.redis_prefix,
+        timeout=opts.redis_timeout,
+        check_interval=opts.redis_check_interval,
+        pool_size=opts.redis_pool_size,
+        idempotency=IdempotencyOptions(opts.idempotency_window, opts.idempotency_max_keys),
+    )
+
+
 register_broker("memory", _memory)
 register_broker("sqlite", _sqlite)
+register_broker("redis", _redis)
+register_broker("rediss", _redis)
+
+
+def is_shared_url(url: str) -> bool:
+    """True for a broker that several processes can share (``--workers`` above 1 needs one)."""
+    return urlsplit(url).scheme.lower() in ("redis", "rediss", "redis+cluster", "redis+sentinel")
 
 
 def broker_from_url(url: str, opts: BrokerOptions | None = None) -> Broker:
@@ -86,3 +128,11 @@ def broker_from_url(url: str, opts: BrokerOptions | None = None) -> Broker:
         # The URL itself is not repeated: it may hold a password.
         raise BrokerURLError(f"unknown broker {what}: this server knows {known}")
     return factory(parts, opts or BrokerOptions())
+
+
+_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@|((?:^|[?&])password=)[^&]*", re.I)
+
+
+def display_url(url: str) -> str:
+    """``url`` for a log line: a password (``user:password@``, ``?password=``) replaced by ``***``."""
+    return _PASSWORD.sub(lambda m: f"{m[1]}***@" if m[1] else f"{m[2]}***", url)

@@ -39,6 +39,12 @@ class BrokerHandler(Protocol):
 
     def deliver_event(self, event: Event) -> None: ...
 
+    def lost(self, channel: str) -> None:
+        """This node can no longer deliver ``channel`` without a gap (its live stream could not be
+        repaired from history, or the channel's stream was lost): every local subscription of it ends
+        and its clients are told to subscribe again from their last position."""
+        ...
+
 
 class BrokerError(Exception):
     """The backend could not do what was asked (storage failure, connection lost). Clients may retry."""

@@ -193,7 +193,8 @@ class PresenceEvent:
 class UnsubscribedEvent:
     """``unsubscribed``: a subscription ended without the application asking: the server ended it (its
     grant expired and could not be renewed, or the rights were withdrawn), or a re-subscribe was refused
-    for good. The :class:`Subscription` has ended (``end_code``, ``end_reason``)."""
+    for good. The :class:`Subscription` has ended (``end_code``, ``end_reason``). Never for
+    ``insufficient_state``: then the client subscribes again from its position by itself."""
 
     channel: str
     code: str
@@ -1059,10 +1060,15 @@ class Client:
         if sub._renewal is not None:
             sub._renewal.cancel()
             sub._renewal = None
-        if resubscribe and sub.get_token is not None and conn.alive:
+        # ``insufficient_state``: the node could not keep the stream gapless (docs/protocol.md); the
+        # subscription goes on from our position, as after a reconnect (its reply says ``recovered``).
+        # An ended grant (``token_expired``) goes on only with a ``get_token`` for a fresh token.
+        again = code == ErrorCode.INSUFFICIENT_STATE or (sub.get_token is not None and conn.alive)
+        if resubscribe and again:
             log.info("the server ended the subscription to %s (%s); subscribing again", channel, code)
-            self._drive(conn, sub)
-            return
+            if conn.alive:
+                self._drive(conn, sub)
+            return  # else the next connection subscribes again
         log.warning("the server ended the subscription to %s: %s (%s)", channel, code, reason)
         del self.subscriptions[channel]
         sub._end(code, reason)

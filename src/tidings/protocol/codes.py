@@ -31,6 +31,7 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     INTERNAL = "internal"
     UNAVAILABLE = "unavailable"  # backend down; retry later
+    INSUFFICIENT_STATE = "insufficient_state"  # a node could not keep a subscription gapless: resubscribe
 
 
 # HTTP status used when the same code is returned by the HTTP API.
@@ -52,6 +53,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.INTERNAL: 500,
     ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.INSUFFICIENT_STATE: 409,
 }
 
 
@@ -66,6 +68,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009  # frame or decompressed message above the limit
     INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012  # the server cannot go on with this connection's state: reconnect
     SLOW_CONSUMER = 4008  # outgoing buffer full: the client did not read fast enough
     UNAUTHORIZED = 4001  # bad or missing token where one is required
     TOKEN_EXPIRED = 4002
@@ -84,6 +87,7 @@ _RECONNECT = frozenset(
     {
         CloseCode.GOING_AWAY,
         CloseCode.INTERNAL_ERROR,
+        CloseCode.SERVICE_RESTART,
         CloseCode.SLOW_CONSUMER,
         CloseCode.TOKEN_EXPIRED,
         CloseCode.TOO_MANY_CONNECTIONS,
@@ -100,6 +104,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.POLICY_VIOLATION: "policy violation",
     CloseCode.MESSAGE_TOO_BIG: "message too big",
     CloseCode.INTERNAL_ERROR: "internal error",
+    CloseCode.SERVICE_RESTART: "service restart",
     CloseCode.SLOW_CONSUMER: "slow consumer",
     CloseCode.UNAUTHORIZED: "unauthorized",
     CloseCode.TOKEN_EXPIRED: "token expired",

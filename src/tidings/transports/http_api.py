@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -270,7 +271,8 @@ async def channels(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     node = _node(request)
-    return json_response({"status": "ok", "connections": len(node.connections)})
+    # pid: which process answered (with --workers, which worker this connection landed on)
+    return json_response({"status": "ok", "connections": len(node.connections), "pid": os.getpid()})
 
 
 def api_routes() -> list[web.RouteDef]:

@@ -232,6 +232,18 @@ class WsConnection(WsProtocol):
             result.update(_lifetime(identity.expires))
         self._send(encode_ok(cmd.id, result))
 
+    def lost(self, channel: str) -> None:
+        """The node ended this subscription (it could not keep it gapless): say so; the client subscribes
+        again from its last position (its grant, if any, is kept for that)."""
+        self._send(
+            unsubscribe_push(
+                channel,
+                ErrorCode.INSUFFICIENT_STATE,
+                "the server could not keep this subscription gapless; subscribe again with since",
+                True,
+            )
+        )
+
     def _recheck(self) -> None:
         """End every subscription the client may no longer hold (an expired subscription token, a
         connection token renewed with fewer channels), each with an ``unsubscribe`` push; then arm the

@@ -193,6 +193,11 @@ class WsProtocol(asyncio.Protocol):
         """Leave every channel (runs on the loop soon after closing starts, never inside close())."""
         self.node.subscriptions.drop(self)
 
+    def lost(self, channel: str) -> None:
+        """A subscription the node could not keep gapless was ended (``Sink.lost``). A protocol without
+        positions cannot resubscribe on its own: the connection is closed with 1012 (reconnect)."""
+        self.close(CloseCode.SERVICE_RESTART)
+
     def on_binary(self, payload: bytes) -> None:
         """A complete binary message arrived; by default refused (1003)."""
         self.close(CloseCode.UNSUPPORTED_DATA)

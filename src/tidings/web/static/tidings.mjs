@@ -556,10 +556,11 @@ var Tidings = class {
         if (!sub) return;
         clearTimeout(sub.refreshTimer);
         clearTimeout(sub.retry);
-        if (msg.resubscribe && typeof sub.getToken === "function" && this.state === "connected") {
+        const lost = msg.resubscribe && msg.code === "insufficient_state";
+        if (lost || msg.resubscribe && typeof sub.getToken === "function" && this.state === "connected") {
           sub.subscribed = false;
           sub.buffer = null;
-          this._sendSubscribe(sub);
+          if (this.state === "connected") this._sendSubscribe(sub);
           return;
         }
         this._endSub(sub, msg.code || "unsubscribed", msg.reason || "", !!msg.resubscribe, null);
