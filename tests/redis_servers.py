@@ -104,6 +104,25 @@ def command(port: int, *args: object, host: str = HOST, timeout: float = 2.0) ->
         return _read(f)
 
 
+def pipeline(port: int, *cmds: Sequence[object], host: str = HOST, timeout: float = 5.0) -> list[Any]:
+    """Several commands on one connection, pipelined: their replies (raises the first error reply after
+    reading them all). ``WAIT`` must share the connection of the writes it waits for: ``command("WAIT",
+    ...)`` on its own connection returns at once."""
+    with socket.create_connection((host, port), timeout=timeout) as sock, sock.makefile("rb") as f:
+        sock.sendall(b"".join(_encode(c) for c in cmds))
+        out: list[Any] = []
+        error: RedisError | None = None
+        for _ in cmds:
+            try:
+                out.append(_read(f))
+            except RedisError as exc:
+                error = error or exc
+                out.append(exc)
+        if error is not None:
+            raise error
+        return out
+
+
 def _info(text: str) -> dict[str, str]:
     """``INFO`` / ``CLUSTER INFO`` text -> {field: value}."""
     out: dict[str, str] = {}
@@ -361,8 +380,13 @@ class RedisServer:
     # -- talking to it
 
     def command(self, *args: object, timeout: float = 5.0) -> Any:
-        """One command over RESP (see :func:`command`)."""
+        """One command over RESP, on a connection of its own (see :func:`command`)."""
         return command(self.port, *args, timeout=timeout)
+
+    def pipeline(self, *cmds: Sequence[object], timeout: float = 5.0) -> list[Any]:
+        """Several commands on one connection (see :func:`pipeline`): ``srv.pipeline(["SET", "k", "v"],
+        ["WAIT", 1, 2000])``."""
+        return pipeline(self.port, *cmds, timeout=timeout)
 
     def cli(self, *args: str, timeout: float = 10.0) -> str:
         """``redis-cli -h 127.0.0.1 -p PORT ARGS...``: its stdout (raises on a non-zero exit)."""
@@ -615,9 +639,12 @@ class RedisCluster:
         return node
 
     def ensure_healthy(self, timeout: float = 30.0) -> None:
-        """Restart every dead node and wait until the cluster is ok (fixtures call this between tests)."""
+        """Restart every dead node (and SIGCONT paused ones), wait until the cluster is ok (fixtures call this
+        between tests)."""
         for n in self.nodes:
-            if not n.running:
+            if n.running:
+                n.resume()
+            else:
                 n.start()
         self.wait_ok(timeout)
 
@@ -645,14 +672,19 @@ class RedisCluster:
 
 class RedisSentinel:
     """A master and a replica (``servers``), watched by three sentinels (``sentinels``, each a
-    ``redis-server sentinel.conf --sentinel``) with quorum 2 under the master name ``tidings``."""
+    ``redis-server sentinel.conf --sentinel``) with quorum 2 under the master name ``tidings``.
+
+    ``down_after_ms`` must stay well above 1000: a sentinel pings every min(down_after, 1000) ms and, on a
+    fresh link (right after a failover), counts the wait from the link's creation, so with 1000 it may
+    find the new master "down" just as its first PING goes out, and fail over again (seen here).
+    """
 
     def __init__(
         self,
         dir: Path,
         *,
         persistence: Persistence = "none",
-        down_after_ms: int = 1000,
+        down_after_ms: int = 2000,
         failover_timeout_ms: int = 3000,
         quorum: int = 2,
         n_sentinels: int = 3,
@@ -682,6 +714,7 @@ class RedisSentinel:
         try:
             a, b = self.servers
             a.start()
+            b.replicaof = a.port  # (a's first start may have moved to another port)
             b.start()
             self._wait_link(b, a, timeout)
             for s in self.sentinels:
@@ -812,6 +845,10 @@ class RedisSentinel:
         return server
 
     def ensure_healthy(self, timeout: float = 30.0) -> None:
+        """Resume paused processes, restart dead ones (a data server as a replica), wait until healthy."""
+        for p in [*self.sentinels, *self.servers]:
+            if p.running:
+                p.resume()
         for s in self.sentinels:
             if not s.running:
                 s.start()

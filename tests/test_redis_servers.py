@@ -131,8 +131,8 @@ async def test_sentinel_failover_promotes_the_replica(redis_sentinel: RedisSenti
     sentinel = Sentinel(redis_sentinel.sentinel_addrs, socket_timeout=2, decode_responses=True)  # type: ignore[no-untyped-call]
     master = sentinel.master_for("tidings", socket_timeout=2)
     try:
-        await master.set("k", "v")
-        assert await master.execute_command("WAIT", 1, 2000) == 1
+        async with master.pipeline(transaction=False) as pipe:  # one connection: WAIT waits for the SET
+            assert await pipe.set("k", "v").execute_command("WAIT", 1, 2000).execute() == [True, 1]
         new = await redis_sentinel.akill_master()
         assert new is replica and redis_sentinel.master is replica and new.role() == "master"
         assert not old.running
@@ -154,8 +154,8 @@ async def test_cluster_failover_promotes_a_replica(redis_cluster_replicas: Redis
     key = "tidings:{failover}:m"
     victim = cluster.master_for_key(key)
     (replica,) = cluster.replicas_of(victim)
-    victim.command("SET", key, "v")
-    assert victim.command("WAIT", 1, 2000) == 1
+    # WAIT on the connection that wrote (on a connection of its own it would return at once).
+    assert victim.pipeline(["SET", key, "v"], ["WAIT", 1, 2000]) == ["OK", 1]
     new = await cluster.akill_master(victim)
     assert new is replica and cluster.master_for_key(key) is replica
     assert replica.command("GET", key) == "v"
