@@ -22,7 +22,7 @@ import pytest
 
 from tidings import SyncHTTPClient
 from tidings.auth import read_api_key
-from tidings.backends.base import BrokerError, BrokerHandler, HistoryOptions, HistoryResult
+from tidings.backends.base import BrokerError, HistoryOptions, HistoryResult
 from tidings.backends.memory import MemoryBroker
 from tidings.client import (
     EVENTS,
@@ -40,10 +40,11 @@ from tidings.client import (
     UnsubscribedEvent,
 )
 from tidings.config import Namespace
-from tidings.protocol import CloseCode, Publication, StreamPosition
+from tidings.protocol import CloseCode, StreamPosition
 from tidings.transports.websocket import WsConnection
 
 from .conftest import API_KEY, Proc, Server, ServerFactory
+from .lossy import LossyBroker
 from .test_auth import SECRET, hs
 
 FAST = {"min_backoff": 0.05, "max_backoff": 0.5}
@@ -471,33 +472,6 @@ async def test_disconnect_push_without_reconnect_stops_the_client(start_server: 
 
 
 # ------------------------------------------------------------------------------ insufficient_state
-
-
-class _Filter:
-    """Between the broker and the node: drops the live publications of ``dropping`` channels."""
-
-    def __init__(self, handler: BrokerHandler, dropping: set[str]) -> None:
-        self.handler = handler
-        self.dropping = dropping
-        self.deliver_event = handler.deliver_event
-        self.lost = handler.lost
-
-    def deliver(self, pub: Publication) -> object:
-        return None if pub.channel in self.dropping else self.handler.deliver(pub)
-
-
-class LossyBroker(MemoryBroker):
-    """The memory broker as one node of a multi-node deployment sees a Pub/Sub that drops messages:
-    publications of the channels in ``dropping`` are stored (history has them) but never reach this
-    node's live fan-out. The test then calls ``node.subscriptions.lost(channel)``, as the broker does when
-    it finds the gap."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dropping: set[str] = set()
-
-    async def start(self, handler: BrokerHandler) -> None:
-        await super().start(_Filter(handler, self.dropping))
 
 
 async def test_insufficient_state_resubscribes_from_the_last_position(start_server: ServerFactory) -> None:

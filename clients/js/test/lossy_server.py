@@ -19,37 +19,19 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from tidings.app import create_app
-from tidings.backends.base import BrokerHandler
-from tidings.backends.memory import MemoryBroker
 from tidings.config import load_settings
 from tidings.node import NODE
-from tidings.protocol import Publication
 from tidings.transports.server import make_runner
 
-
-class _Filter:
-    def __init__(self, handler: BrokerHandler, dropping: set[str]) -> None:
-        self.handler = handler
-        self.dropping = dropping
-        self.deliver_event = handler.deliver_event
-        self.lost = handler.lost
-
-    def deliver(self, pub: Publication) -> object:
-        return None if pub.channel in self.dropping else self.handler.deliver(pub)
-
-
-class LossyBroker(MemoryBroker):
-    def __init__(self) -> None:
-        super().__init__()
-        self.dropping: set[str] = set()
-
-    async def start(self, handler: BrokerHandler) -> None:
-        await super().start(_Filter(handler, self.dropping))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository, for tests.lossy
+from tests.lossy import LossyBroker
 
 
 async def main(port: int, config: str) -> None:
