@@ -746,6 +746,9 @@ class Client:
                 up_for = time.monotonic() - started
                 if stop is None and not (event.reconnect and self.reconnect):
                     stop = ClientClosed(f"server closed the connection: {event.code} {event.reason}".rstrip())
+                if stop is None and event.code == CloseCode.TOKEN_EXPIRED and self.get_token is None:
+                    # A fixed token stays expired: reconnecting with it can only be refused again.
+                    stop = ClientClosed("the connection token expired and there is no get_token to renew it")
                 self._emit("disconnect", DisconnectEvent(event.code, event.reason, stop is None))
                 if stop is not None:
                     self._stop(stop)
