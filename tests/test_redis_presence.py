@@ -73,6 +73,12 @@ async def test_presence_join_leave_and_channels_answer_for_every_node(nodes: lis
         on_b = await open_probe(s, b.http)
         id_a, id_b = await client_id(on_a), await client_id(on_b)
         await on_a.ok("subscribe", channel="chat:room")
+
+        async def listed(n: int) -> bool:
+            _, body = await api(s, a.http, "/api/channels/chat:room/presence")
+            return bool(body["count"] == n)
+
+        await until(lambda: listed(1), 5)  # A's member is in Redis before B's joins: a known order
         await on_b.ok("subscribe", channel="chat:room")
         # B's join reaches A's subscriber through Redis
         join = await next_push(on_a, "join")
