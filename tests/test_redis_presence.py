@@ -16,8 +16,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tidings.backends.redis_presence import RedisPresence
+
 from .conftest import API_KEY, Probe, ProbeFactory, ServerFactory
-from .redis_servers import RedisServer
+from .redis_servers import RedisCluster, RedisServer
 from .test_redis import Node, open_probe
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -206,3 +208,49 @@ async def test_redis_down_presence_answers_503_in_bounded_time_and_comes_back_af
         took = await until(present, TTL / 3 + 5)
         print(f"\n  presence back {took:.2f}s after Redis restarted empty (refresh every {TTL / 3:.2f}s)")
         assert took <= TTL / 3 + 2.0, took
+
+
+async def test_redis_presence_runs_on_redis_cluster_one_slot_per_command(redis_cluster: RedisCluster) -> None:
+    """The store on a real 3-master Redis Cluster through redis-py's cluster client (the client a
+    Cluster broker hands it): channels on different masters, node keys in their own slots."""
+    from redis.asyncio.cluster import ClusterNode
+    from redis.asyncio.cluster import RedisCluster as ClusterClient
+
+    channels = ["chat:c0", "chat:c1", "chat:c2", "chat:c3", "chat:c4", "chat:c5"]
+    owners = {
+        redis_cluster.master_for_slot(redis_cluster.keyslot(f"tidings:{{{c}}}:pe")).port for c in channels
+    }
+    assert len(owners) >= 2, "the channels should live on several masters"
+    nodes = [ClusterNode(h, p) for h, p in redis_cluster.startup_nodes]
+    clients = [ClusterClient(startup_nodes=nodes) for _ in range(2)]
+    ttl = 1.0
+    alive = RedisPresence(lambda: clients[0], ttl=ttl, timeout=3.0)
+    dead = RedisPresence(lambda: clients[1], ttl=ttl, timeout=3.0)
+    await alive.start(lambda: {c: 1 for c in channels})
+    await dead.start(lambda: {c: 2 for c in channels})
+    try:
+        for c in channels:
+            alive.add(c, f"a-{c}", "ua")
+            dead.add(c, f"d1-{c}", "ud")
+            dead.add(c, f"d2-{c}", "ud")
+
+        async def everyone() -> bool:
+            counts = [(await alive.read(c)).count for c in channels]
+            return counts == [3] * len(channels) and await alive.channels() == {c: 3 for c in channels}
+
+        await until(everyone, 10)
+        ids = [m["client"] for m in await dead.clients("chat:c0")]
+        assert [i for i in ids if i.startswith("d")] == ["d1-chat:c0", "d2-chat:c0"]  # one node's join order
+        await dead.close(forget=False)  # stops refreshing, as a crash would
+
+        async def only_alive() -> bool:
+            listed = [await alive.clients(c) for c in channels]
+            want = [[{"client": f"a-{c}", "user": "ua"}] for c in channels]
+            return listed == want and await alive.channels() == {c: 1 for c in channels}
+
+        took = await until(only_alive, ttl + 3)
+        assert took <= ttl + 1.0, took
+    finally:
+        await alive.close()
+        for cl in clients:
+            await cl.aclose()

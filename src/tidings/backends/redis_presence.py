@@ -254,7 +254,10 @@ class RedisPresence:
                 next_full = loop.time() + self.refresh_interval
 
     async def _flush(self, *, full: bool) -> None:
-        """One pipelined round trip: the changed (or, ``full``, all) members and, when it changed or
+        """(``execute_command("EVALSHA")``: redis-py's cluster pipeline refuses its ``evalsha`` method,
+        but routes the command by its first key like any other.)
+
+        One pipelined round trip: the changed (or, ``full``, all) members and, when it changed or
         ``full``, this node's channel list and liveness. What was taken is put back if it fails."""
         dirty, self._dirty = self._dirty, {}
         if full:
@@ -274,12 +277,15 @@ class RedisPresence:
                     for i in range(0, len(pairs), CHUNK):
                         args = [x for pair in pairs[i : i + CHUNK] for x in pair]
                         keys = (self._key(channel, "pr"), self._key(channel, "pe"))
-                        pipe.evalsha(self._shas["write"], 2, *keys, ttl_ms, *args)
+                        pipe.execute_command("EVALSHA", self._shas["write"], 2, *keys, ttl_ms, *args)
                 if node and local is not None:
                     top = sorted(local.items(), key=lambda kv: -kv[1])[:MAX_NODE_CHANNELS]
                     flat = [x for ch, n in top for x in (ch, n)]
-                    pipe.evalsha(self._shas["node"], 1, self._node_key(self.node_id), ttl_ms, *flat)
-                    pipe.evalsha(self._shas["nodes"], 1, self._nodes_key, self.node_id, ttl_ms, 0)
+                    node_key = self._node_key(self.node_id)
+                    pipe.execute_command("EVALSHA", self._shas["node"], 1, node_key, ttl_ms, *flat)
+                    pipe.execute_command(
+                        "EVALSHA", self._shas["nodes"], 1, self._nodes_key, self.node_id, ttl_ms, 0
+                    )
                 try:
                     await pipe.execute()
                     break
@@ -299,22 +305,22 @@ class RedisPresence:
     async def _eval(self, name: str, keys: list[str], *args: Any) -> Any:
         client = self._client()
         try:
-            async with asyncio.timeout(self.timeout):
-                try:
-                    return await client.evalsha(self._shas[name], len(keys), *keys, *args)
-                except NoScriptError:
-                    await self._load_scripts()
-                    return await client.evalsha(self._shas[name], len(keys), *keys, *args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise BrokerError(f"redis unavailable: {exc or type(exc).__name__}") from exc
+            return await client.evalsha(self._shas[name], len(keys), *keys, *args)
+        except NoScriptError:
+            await self._load_scripts()  # Redis restarted or flushed its scripts
+            return await client.evalsha(self._shas[name], len(keys), *keys, *args)
 
     async def read(self, channel: str) -> PresenceList:
         keys = [self._key(channel, "pr"), self._key(channel, "pe")]
-        count, ids, values = await self._eval("read", keys, self.limit, PURGE)
+        try:
+            async with asyncio.timeout(self.timeout):
+                count, ids, values = await self._eval("read", keys, self.limit, PURGE)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerError(f"redis unavailable: {exc or type(exc).__name__}") from exc
         listed: list[tuple[int, str, int, str, str]] = []
         for cid, value in zip(ids, values, strict=True):
             if value is None:
-                continue  # removed between the two reads of the script's caller: gone
+                continue
             joined, node, seq, user = value.split(b"\0", 3)
             listed.append((int(joined), node.decode(), int(seq), cid.decode(), user.decode()))
         listed.sort()
@@ -324,23 +330,25 @@ class RedisPresence:
         return (await self.read(channel)).clients
 
     async def channels(self) -> dict[str, int]:
-        """This node's channels (its own hub, fresh) plus every other live node's last written list."""
-        nodes = await self._eval("nodes", [self._nodes_key], "", 0, MAX_NODES)
-        others = [n.decode() for n in nodes if n.decode() != self.node_id]
+        """This node's channels (its own hub, fresh) plus every other live node's last written list:
+        one read of the live nodes, then one pipelined read of their hashes (one key each)."""
         total = dict(self._local())
-        if others:
-            try:
-                async with asyncio.timeout(self.timeout):
+        try:
+            async with asyncio.timeout(self.timeout):
+                nodes = await self._eval("nodes", [self._nodes_key], "", 0, MAX_NODES)
+                others = [n.decode() for n in nodes if n.decode() != self.node_id]
+                hashes: list[dict[bytes, bytes]] = []
+                if others:
                     pipe = self._client().pipeline(transaction=False)
                     for n in others:
                         pipe.hgetall(self._node_key(n))
                     hashes = await pipe.execute()
-            except (RedisError, OSError, TimeoutError) as exc:
-                raise BrokerError(f"redis unavailable: {exc or type(exc).__name__}") from exc
-            for h in hashes:
-                for ch, n in h.items():
-                    name = ch.decode()
-                    total[name] = total.get(name, 0) + int(n)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerError(f"redis unavailable: {exc or type(exc).__name__}") from exc
+        for h in hashes:
+            for ch, n in h.items():
+                name = ch.decode()
+                total[name] = total.get(name, 0) + int(n)
         return dict(sorted(total.items())[:MAX_LISTED_CHANNELS])
 
 
