@@ -8,6 +8,7 @@ Presence is a TTL, so waiting for it is a bounded poll of the answer (the condit
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -254,3 +255,38 @@ async def test_redis_presence_runs_on_redis_cluster_one_slot_per_command(redis_c
         await alive.close()
         for cl in clients:
             await cl.aclose()
+
+
+async def test_a_leave_while_redis_is_down_is_written_once_it_is_back(
+    start_server: ServerFactory,
+    probe: ProbeFactory,
+    make_redis_server: Callable[..., RedisServer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis with AOF keeps the members it had; a client that left meanwhile must not linger there until
+    its TTL (30 s here): the node keeps the removal and writes it once Redis answers."""
+    redis_server = make_redis_server(persistence="aof")
+    srv = await start_server(broker=redis_server.url, redis_timeout=1.0, presence_ttl=30.0)
+    stay, go = await probe(srv), await probe(srv)
+    id_stay, id_go = await client_id(stay), await client_id(go)
+    for p in (stay, go):
+        await p.ok("subscribe", channel="chat:aof")
+    async with aiohttp.ClientSession() as s:
+
+        async def listed(ids: list[str]) -> bool:
+            status, body = await api(s, srv.http, "/api/channels/chat:aof/presence")
+            return status == 200 and [c["client"] for c in body["clients"]] == ids
+
+        await until(lambda: listed([id_stay, id_go]), 5)
+        redis_server.stop()  # SIGTERM: the AOF holds both members
+        await go.ok("unsubscribe", channel="chat:aof")
+        caplog.set_level(logging.INFO, "tidings.redis")
+
+        async def write_failed() -> bool:  # the node tried to write the leave while Redis was down
+            return any("presence write failed" in r.getMessage() for r in caplog.records)
+
+        await until(write_failed, 5)
+        redis_server.start()
+        took = await until(lambda: listed([id_stay]), 10)
+        print(f"\n  leave written {took:.2f}s after Redis came back (presence_ttl 30s)")
+        assert took < 5.0, took
