@@ -517,7 +517,7 @@ async def test_presence_lists_in_join_order_at_most_limit_counts_all_and_forgets
     store = presence_for(fx.broker, ttl=30.0, limit=2)
     await store.start(lambda: {"p:x": 3})
     try:
-        for c in ("c1", "c2", "c3"):
+        for c in ("c3", "c2", "c1"):  # join order is not name order
             store.add("p:x", c, f"user-{c}")
         store.remove("p:x", "c2")
         store.add("p:x", "c4", "user-c4")
@@ -529,7 +529,7 @@ async def test_presence_lists_in_join_order_at_most_limit_counts_all_and_forgets
         await until_true(three)
         found = await store.read("p:x")
         ids = [c["client"] for c in found.clients]
-        assert len(ids) == 2 and ids == [c for c in ("c1", "c3", "c4") if c in ids]  # limit, join order
+        assert len(ids) == 2 and ids == [c for c in ("c3", "c1", "c4") if c in ids]  # limit, join order
         store.remove("p:x", "c4")
 
         async def two() -> bool:
@@ -537,8 +537,8 @@ async def test_presence_lists_in_join_order_at_most_limit_counts_all_and_forgets
 
         await until_true(two)
         assert await store.clients("p:x") == [
-            {"client": "c1", "user": "user-c1"},
             {"client": "c3", "user": "user-c3"},
+            {"client": "c1", "user": "user-c1"},
         ]
         assert await store.read("p:empty") == PresenceList([], 0)
         assert await store.channels() == {"p:x": 3}  # this node's own channels, always
