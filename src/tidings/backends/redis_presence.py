@@ -36,9 +36,15 @@ from typing import Any
 from .base import MAX_LISTED_CHANNELS, BrokerError, LocalChannels, PresenceList
 
 try:
-    from redis.exceptions import NoScriptError, RedisError
+    from redis.asyncio.cluster import RedisCluster as ClusterClient
+    from redis.crc import key_slot
+    from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 except ImportError:  # pragma: no cover - the extra is not installed
-    NoScriptError = RedisError = Exception  # type: ignore[assignment,misc]
+    NoScriptError = RedisError = RedisClusterException = Exception  # type: ignore[assignment,misc]
+    ClusterClient = None  # type: ignore[assignment,misc]
+
+# What "Redis did not do it" looks like (RedisClusterException is not a RedisError).
+FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 __all__ = ["MAX_NODES", "MAX_NODE_CHANNELS", "RedisPresence"]
 
@@ -49,29 +55,37 @@ MAX_NODE_CHANNELS = 10_000  # channels one node writes to its hash (its most sub
 PURGE = 256  # expired members one read removes at most
 CHUNK = 500  # members per script call (and per HSET/HMGET inside it)
 
-# KEYS: pr, pe. ARGV: ttl ms, then (client, value) pairs; value '' removes the client.
+# KEYS: (pr, pe) of one or more channels (all in one slot on Redis Cluster). ARGV: ttl ms, then per
+# channel the number of its (client, value) pairs and the pairs; value '' removes the client.
 _WRITE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local us = t[1] .. string.format('%06d', tonumber(t[2]))
 local ttl = tonumber(ARGV[1])
-local added = false
-for i = 2, #ARGV, 2 do
-  local c, v = ARGV[i], ARGV[i + 1]
-  if v == '' then
-    redis.call('ZREM', KEYS[2], c)
-    redis.call('HDEL', KEYS[1], c)
-  else
-    local old = redis.call('HGET', KEYS[1], c)
-    local j = old and string.match(old, '^(%d+)') or us
-    redis.call('HSET', KEYS[1], c, j .. '\\0' .. v)
-    redis.call('ZADD', KEYS[2], now + ttl, c)
-    added = true
+local a = 2
+for k = 1, #KEYS, 2 do
+  local pr, pe = KEYS[k], KEYS[k + 1]
+  local added = false
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  for _ = 1, n do
+    local c, v = ARGV[a], ARGV[a + 1]
+    a = a + 2
+    if v == '' then
+      redis.call('ZREM', pe, c)
+      redis.call('HDEL', pr, c)
+    else
+      local old = redis.call('HGET', pr, c)
+      local j = old and string.match(old, '^(%d+)') or us
+      redis.call('HSET', pr, c, j .. '\\0' .. v)
+      redis.call('ZADD', pe, now + ttl, c)
+      added = true
+    end
   end
-end
-if added then
-  for _, k in ipairs(KEYS) do
-    if redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
+  if added then
+    for _, key in ipairs({pr, pe}) do
+      if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+    end
   end
 end
 return 1
@@ -177,7 +191,7 @@ class RedisPresence:
         try:
             async with asyncio.timeout(self.timeout):
                 await self._load_scripts()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except FAILURES as exc:
             raise BrokerError(f"presence: cannot reach Redis: {exc or type(exc).__name__}") from exc
         self._task = asyncio.get_running_loop().create_task(self._writer())
 
@@ -201,7 +215,7 @@ class RedisPresence:
                 client = self._client()
                 await client.delete(self._node_key(self.node_id))
                 await client.zrem(self._nodes_key, self.node_id)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except FAILURES as exc:
             log.info("presence not cleared at shutdown (it expires in %.0fs): %s", self.ttl, exc)
 
     async def _load_scripts(self) -> None:
@@ -243,8 +257,9 @@ class RedisPresence:
             try:
                 async with asyncio.timeout(self.timeout):
                     await self._flush(full=full)
-            except (RedisError, OSError, TimeoutError) as exc:
-                log.info("presence write failed (retried): %s", exc or type(exc).__name__)
+            except Exception as exc:  # the writer never stops: whatever failed is retried next tick
+                level = logging.INFO if isinstance(exc, FAILURES) else logging.WARNING
+                log.log(level, "presence write failed (retried): %s", exc or type(exc).__name__)
                 # Whatever Redis holds is unknown (it may come back empty): write everything again.
                 self._written = None
                 next_full = loop.time()
@@ -270,14 +285,10 @@ class RedisPresence:
         ttl_ms = max(1, int(self.ttl * 1000))
         try:
             for attempt in (0, 1):
-                pipe = self._client().pipeline(transaction=False)
-                for channel, clients in dirty.items():
-                    members = self._members.get(channel, {})
-                    pairs = [(c, members.get(c, "")) for c in sorted(clients)]
-                    for i in range(0, len(pairs), CHUNK):
-                        args = [x for pair in pairs[i : i + CHUNK] for x in pair]
-                        keys = (self._key(channel, "pr"), self._key(channel, "pe"))
-                        pipe.execute_command("EVALSHA", self._shas["write"], 2, *keys, ttl_ms, *args)
+                client = self._client()
+                pipe = client.pipeline(transaction=False)
+                for keys, args in self._write_calls(dirty, _is_cluster(client)):
+                    pipe.execute_command("EVALSHA", self._shas["write"], len(keys), *keys, ttl_ms, *args)
                 if node and local is not None:
                     top = sorted(local.items(), key=lambda kv: -kv[1])[:MAX_NODE_CHANNELS]
                     flat = [x for ch, n in top for x in (ch, n)]
@@ -300,6 +311,30 @@ class RedisPresence:
         if node:
             self._written = local
 
+    def _write_calls(
+        self, dirty: dict[str, set[str]], cluster: bool
+    ) -> list[tuple[list[str], list[str | int]]]:
+        """The ``_WRITE`` calls for ``dirty``: up to ``CHUNK`` members each, several channels per call
+        (on Redis Cluster only channels of one slot together), so a refresh of many small channels is a
+        few commands, not one per channel."""
+        calls: list[tuple[list[str], list[str | int]]] = []
+        open_calls: dict[int, tuple[list[str], list[str | int]]] = {}  # slot -> call being filled
+        for channel in sorted(dirty):
+            members = self._members.get(channel, {})
+            pairs = [(c, members.get(c, "")) for c in sorted(dirty[channel])]
+            keys = [self._key(channel, "pr"), self._key(channel, "pe")]
+            slot = key_slot(keys[0].encode()) if cluster else 0
+            for i in range(0, len(pairs), CHUNK):
+                part = pairs[i : i + CHUNK]
+                call = open_calls.get(slot)
+                if call is None or (len(call[1]) - len(call[0]) // 2) // 2 + len(part) > CHUNK:
+                    call = open_calls[slot] = ([], [])
+                    calls.append(call)
+                call[0].extend(keys)
+                call[1].append(len(part))
+                call[1].extend(x for pair in part for x in pair)
+        return calls
+
     # ------------------------------------------------------------------------------ reads
 
     async def _eval(self, name: str, keys: list[str], *args: Any) -> Any:
@@ -315,7 +350,7 @@ class RedisPresence:
         try:
             async with asyncio.timeout(self.timeout):
                 count, ids, values = await self._eval("read", keys, self.limit, PURGE)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except FAILURES as exc:
             raise BrokerError(f"redis unavailable: {exc or type(exc).__name__}") from exc
         listed: list[tuple[int, str, int, str, str]] = []
         for cid, value in zip(ids, values, strict=True):
@@ -343,13 +378,17 @@ class RedisPresence:
                     for n in others:
                         pipe.hgetall(self._node_key(n))
                     hashes = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except FAILURES as exc:
             raise BrokerError(f"redis unavailable: {exc or type(exc).__name__}") from exc
         for h in hashes:
             for ch, n in h.items():
                 name = ch.decode()
                 total[name] = total.get(name, 0) + int(n)
         return dict(sorted(total.items())[:MAX_LISTED_CHANNELS])
+
+
+def _is_cluster(client: Any) -> bool:
+    return ClusterClient is not None and isinstance(client, ClusterClient)
 
 
 def _nothing() -> dict[str, int]:
