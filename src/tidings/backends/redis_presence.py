@@ -26,7 +26,6 @@ overtaken by an older refresh of the same member.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -199,10 +198,11 @@ class RedisPresence:
         """Stop refreshing. ``forget``: also take this node's members and channels out of Redis now
         (a clean shutdown; bounded by the timeout). Without it they expire after ``ttl``, as after a crash."""
         self._closed = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            # bounded: the writer also stops on its own at its next wake-up (``_closed``)
+            await asyncio.wait({self._task}, timeout=self.timeout)
             self._task = None
         if not forget:
             return
@@ -248,10 +248,16 @@ class RedisPresence:
         ``_tick``), and everything every ``refresh_interval``. Redis unreachable: retried every tick."""
         loop = asyncio.get_running_loop()
         next_full = loop.time()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, min(self._tick, next_full - loop.time()))):
-                    await self._wake.wait()
+        while not self._closed:
+            # A timer sets the event rather than a timeout around the wait: on Python 3.11 a cancel
+            # that lands as an asyncio.timeout expires can be swallowed, and close() would wait forever.
+            timer = loop.call_later(max(0.0, min(self._tick, next_full - loop.time())), self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
+            if self._closed:
+                return
             self._wake.clear()
             full = loop.time() >= next_full
             try:
