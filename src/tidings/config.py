@@ -110,6 +110,8 @@ class Settings:
     redis_timeout: float = 5.0  # seconds a Redis call may take before it answers unavailable
     redis_check_interval: float = 2.0  # seconds between the Redis broker's position checks
     redis_pool_size: int = 32  # Redis connections per process
+    presence_ttl: float = 30.0  # seconds a node's presence outlives its last refresh (shared presence)
+    presence_limit: int = 1000  # clients listed in one presence answer (its count is all of them)
     max_fragments: int = 1024  # frames of one incoming WebSocket message
     ws_frame_rate: float = 5000.0  # incoming WebSocket frames per second per connection (burst: twice that)
     ws_inflate_rate: float = (
@@ -176,6 +178,8 @@ _SCALARS: dict[str, type] = {
     "redis_timeout": float,
     "redis_check_interval": float,
     "redis_pool_size": int,
+    "presence_ttl": float,
+    "presence_limit": int,
     "max_fragments": int,
     "ws_frame_rate": float,
     "ws_inflate_rate": float,
@@ -191,6 +195,7 @@ _SCALARS: dict[str, type] = {
     "sqlite_synchronous": str,
     "log_level": str,
 }
+_POSITIVE: dict[str, float] = {"presence_ttl": 0.3, "presence_limit": 1}
 _LISTS = {"api_keys", "allowed_origins", "trusted_proxies", "public_url"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -296,6 +301,8 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: {value!r} is not a valid {typ.__name__}") from None
     if typ in (int, float) and out < 0:
         raise ConfigError(f"{name} must not be negative")
+    if name in _POSITIVE and out < _POSITIVE[name]:
+        raise ConfigError(f"{name} must be at least {_POSITIVE[name]}")
     return out
 
 

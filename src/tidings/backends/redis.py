@@ -43,6 +43,7 @@ from .base import (
     PublishResult,
     Repeat,
 )
+from .redis_presence import RedisPresence
 
 try:
     import redis.asyncio as aioredis
@@ -237,7 +238,17 @@ class RedisBroker:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
-    # ------------------------------------------------------------------------------ keys
+    # ------------------------------------------------------------------------------ keys, presence
+
+    def redis_client(self) -> Any:
+        """The client every command goes through (a subclass for Redis Cluster hands its own)."""
+        return self._client
+
+    def presence_store(self, *, ttl: float, limit: int) -> RedisPresence:
+        """Presence over every node sharing this Redis (``backends/redis_presence.py``)."""
+        return RedisPresence(
+            self.redis_client, prefix=self.prefix, ttl=ttl, timeout=self.timeout, limit=limit
+        )
 
     def _key(self, channel: str, kind: str) -> str:
         return f"{self.prefix}:{{{channel}}}:{kind}"
