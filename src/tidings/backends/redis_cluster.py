@@ -204,6 +204,10 @@ class RedisClusterBroker(RedisBroker):
     def _key_slot(self, channel: str) -> int:
         return key_slot(channel)
 
+    def _master_of(self, channel: str) -> str:
+        """``host:port`` of the master that holds ``channel`` (as this node's slot map says)."""
+        return str(self._cluster.nodes_manager.get_node_from_slot(key_slot(channel)).name)
+
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self, handler: Any) -> None:
