@@ -66,9 +66,11 @@ try:
         ClusterDownError,
         MovedError,
         NoScriptError,
+        RedisClusterException,
         RedisError,
         TryAgainError,
     )
+    from redis.exceptions import ConnectionError as RedisConnectionError
 except ImportError:  # pragma: no cover - the extra is not installed
     aioredis = None  # type: ignore[assignment]
 
@@ -212,11 +214,24 @@ class RedisClusterBroker(RedisBroker):
 
     async def start(self, handler: Any) -> None:
         _slot_tags()  # (computed once, ~0.1 s)
+        where = ",".join(f"{h}:{p}" for h, p in self.nodes)
         try:
             await super().start(handler)
         except BrokerError as exc:
-            where = ",".join(f"{h}:{p}" for h, p in self.nodes)
             raise BrokerError(f"cannot reach the Redis Cluster at {where}: {exc.__cause__ or exc}") from exc
+        except RedisClusterException as exc:
+            with contextlib.suppress(Exception):
+                await self._cluster.aclose()
+            raise BrokerError(f"cannot reach the Redis Cluster at {where}: {exc}") from exc
+
+    async def _checker(self) -> None:
+        """RedisBroker's position check; the cluster client's own errors (no slot map yet, a slot not
+        covered while failing over) count as Redis being unreachable: skipped, tried again later."""
+        while True:
+            try:
+                await super()._checker()
+            except RedisClusterException as exc:
+                log.info("position check skipped: %s", exc)
 
     async def close(self) -> None:
         self._closing = True
@@ -249,7 +264,7 @@ class RedisClusterBroker(RedisBroker):
             try:
                 async with asyncio.timeout(self.timeout):
                     results = await self._run_cluster_publish(reqs)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
                 err = BrokerError(f"redis unavailable: {exc or type(exc).__name__}")
                 results = [err] * len(reqs)
             i = 0
@@ -418,10 +433,13 @@ class RedisClusterBroker(RedisBroker):
         keys = (self._key(channel, "m"), self._key(channel, "s"), self._epoch0_of(channel))
         async with self._slots:
             try:
-                rep = await self._client.evalsha(self._sha_read, 3, *keys, *args)
-            except NoScriptError:
-                await self._load_scripts()
-                rep = await self._client.evalsha(self._sha_read, 3, *keys, *args)
+                try:
+                    rep = await self._client.evalsha(self._sha_read, 3, *keys, *args)
+                except NoScriptError:
+                    await self._load_scripts()
+                    rep = await self._client.evalsha(self._sha_read, 3, *keys, *args)
+            except RedisClusterException as exc:  # (no slot map, slot not covered): Redis unreachable
+                raise RedisConnectionError(str(exc)) from exc
         if len(rep) <= 1:  # nobody published to it: the epoch its first publish will have
             return HistoryResult([], StreamPosition(0, _text(rep[0])), 1)
         epoch = rep[0].decode()
@@ -437,7 +455,7 @@ class RedisClusterBroker(RedisBroker):
             async with asyncio.timeout(self.timeout):
                 node = self._cluster.get_node_from_key(pchan)
                 await self._cluster.execute_command("SPUBLISH", pchan, payload, target_nodes=node)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             log.info("join/leave event not sent: %s", exc)
 
     # ------------------------------------------------------------------------------ sharded Pub/Sub
@@ -501,9 +519,19 @@ class RedisClusterBroker(RedisBroker):
             node = nm.get_node_from_slot(self._key_slot(channel))
             sub = self._subs.get(node.name) or await self._open_sub(node)
             chan.state = "new"
-            await sub.pubsub.ssubscribe(chan.pchan)
+            # (recorded first: the confirmation may be read before ssubscribe returns)
             sub.channels.add(channel)
             self._where[channel] = node.name
+            try:
+                await sub.pubsub.ssubscribe(chan.pchan)
+            except BaseException:
+                sub.channels.discard(channel)
+                if self._where.get(channel) == node.name:
+                    del self._where[channel]
+                raise
+            if sub.task is None:  # (reading starts once the connection is in Pub/Sub mode)
+                assert self._loop is not None
+                sub.task = self._loop.create_task(self._read_sub(sub))
         for name, sub in list(self._subs.items()):
             if not sub.channels and name not in {n.name for n in nm.get_nodes_by_server_type("primary")}:
                 await self._drop_sub(sub)
@@ -520,8 +548,6 @@ class RedisClusterBroker(RedisBroker):
                 await client.aclose()
             raise
         self._subs[node.name] = sub
-        assert self._loop is not None
-        sub.task = self._loop.create_task(self._read_sub(sub))
         return sub
 
     async def _drop_sub(self, sub: _NodeSub) -> None:
