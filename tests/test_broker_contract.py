@@ -378,7 +378,7 @@ async def test_reads_never_write(fx: Fixture) -> None:
         assert isinstance(fx.broker, RedisClusterBroker)
         keys = await fx.broker._cluster.keys("*", target_nodes=fx.broker._cluster.PRIMARIES)
         expected = {fx.broker._epoch0_of(f"r:never{i}") for i in range(1000)}
-        assert {k.decode() for k in keys} == expected
+        assert {k.decode() if isinstance(k, bytes) else k for k in keys} == expected
         # channels of one slot read one epoch, and a publish afterwards lands in the epoch reads saw
         assert len({r.position.epoch for r in results}) == len(expected)
         pub = await fx.publish_one("r:never5", "x")

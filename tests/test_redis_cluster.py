@@ -455,7 +455,7 @@ async def test_wait_replicas_acknowledges_only_what_a_replica_has(
     master = cluster.node_by_port(port)
     (replica,) = cluster.replicas_of(master)
     broker = RedisClusterBroker(cluster.startup_nodes, timeout=1.0, wait_replicas=wait_replicas)
-    await broker.start(_Quiet())  # type: ignore[arg-type]
+    await broker.start(_Quiet())
     try:
         assert not isinstance(await publish_once(broker, channel, 0), BrokerError)
         replica.pause()
