@@ -346,7 +346,10 @@ async def test_a_slot_migrated_under_a_stream_of_publishes_loses_nothing(
         assert watchers[ch].flags == [], f"{ch} was flagged though nothing was lost"
         assert {m["data"] for m in watchers[ch].got} >= {x.n for x in acked if x.channel == ch}
         assert {x.n for x in acked if x.channel == ch} <= await history_ns(brokers[0], ch)
-    print(f"\nslot migration: {len(acked)} acknowledged, {len(failed)} unavailable, migration {took:.2f}s")
+    print(
+        f"\nslot migration: {len(acked)} acknowledged, {len(failed)} unavailable, migration {took:.2f}s, "
+        f"re-sent {brokers[0].resent}"
+    )
 
 
 def migrate_slot(cluster: RedisCluster, slot: int, src: RedisServer, dst: RedisServer) -> None:

@@ -199,6 +199,7 @@ class RedisClusterBroker(RedisBroker):
         self._where: dict[str, str] = {}  # channel -> master it is SSUBSCRIBEd on
         self._sync = asyncio.Event()
         self._refresh = False  # the slot map must be asked again before the next sync
+        self.resent: dict[str, int] = {}  # publish replies after which the script was sent again, by kind
 
     def _epoch0_of(self, channel: str) -> str:
         return f"{self.prefix}:{{{slot_tag(key_slot(channel))}}}:epoch0"
@@ -341,6 +342,9 @@ class RedisClusterBroker(RedisBroker):
                         out[i] = err
                     continue
                 for i, res in zip(idx, rep, strict=True):
+                    if isinstance(res, _NOT_RUN):
+                        kind = type(res).__name__
+                        self.resent[kind] = self.resent.get(kind, 0) + 1
                     if isinstance(res, NoScriptError):
                         noscript.append(node)
                         todo.append(i)
