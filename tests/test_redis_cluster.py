@@ -330,6 +330,7 @@ async def test_a_slot_migrated_under_a_stream_of_publishes_loses_nothing(
     spread = channels_on_every_master(redis_cluster, "fo:mig", 1)
     chans = [ch for chs in spread.values() for ch in chs]
     moving = chans[0]
+    print(f"\nmoving {moving} (slot {key_slot(moving)}) of {chans}")
     slot = key_slot(moving)
     src = redis_cluster.master_for_slot(slot)
     dst = next(m for m in redis_cluster.masters() if m.port != src.port)
