@@ -329,7 +329,7 @@ class RedisClusterBroker(RedisBroker):
                     group[2].add(i)
             runs = [self._node_publish(node, idx, ask, args) for node, idx, ask in groups.values()]
             replies = await asyncio.gather(*runs, return_exceptions=True)
-            todo, again, noscript = [], False, []
+            todo, again, moved, noscript = [], False, False, []
             for (node, idx, _), rep in zip(groups.values(), replies, strict=True):
                 if isinstance(rep, BaseException):
                     if not isinstance(rep, Exception):
@@ -348,7 +348,8 @@ class RedisClusterBroker(RedisBroker):
                     if isinstance(res, NoScriptError):
                         noscript.append(node)
                         todo.append(i)
-                    elif isinstance(res, AskError):
+                    elif isinstance(res, AskError):  # (redis-py's MovedError is an AskError too)
+                        moved = moved or isinstance(res, MovedError)
                         target = client.get_node(host=res.host, port=res.port)
                         if target is not None:
                             asking[i] = target
@@ -371,6 +372,7 @@ class RedisClusterBroker(RedisBroker):
             if again:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
+            if again or moved:  # the slot map is asked again (the next groups go straight to the owner)
                 await client.nodes_manager.initialize()
             todo.sort()
         results: list[Publication | Repeat | BrokerError] = []
