@@ -501,7 +501,7 @@ class RedisClusterBroker(RedisBroker):
                     log.warning("redis cluster pubsub sync failed (%s); again in %.2fs", exc, delay)
                 self._refresh = True
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 1.0)
                 self._sync.set()
 
     async def _sync_subscriptions(self) -> None:
