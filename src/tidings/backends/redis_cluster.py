@@ -458,7 +458,10 @@ class RedisClusterBroker(RedisBroker):
 
     async def _send_event(self, pchan: str, payload: bytes) -> None:
         try:
-            async with asyncio.timeout(self.timeout):
+            async with (
+                asyncio.timeout(self.timeout),
+                self._slots,
+            ):  # (a burst of joins waits for a connection)
                 node = self._cluster.get_node_from_key(pchan)
                 await self._cluster.execute_command("SPUBLISH", pchan, payload, target_nodes=node)
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
