@@ -500,3 +500,28 @@ async def test_wait_replicas_acknowledges_only_what_a_replica_has(
         print(f"\nwait_replicas={wait_replicas}: publish with a stopped replica answered in {took:.2f}s")
     finally:
         await broker.close()
+
+
+@pytest.mark.timeout(30)
+async def test_interest_dropped_and_taken_again_before_the_node_resubscribes(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A channel's last subscriber leaves and a new one comes in the same loop turn: the shard
+    subscription never went away on the server, yet the new subscription is confirmed and live."""
+    handler = _Quiet()
+    broker = RedisClusterBroker(redis_cluster.startup_nodes, timeout=2.0)
+    await broker.start(handler)  # type: ignore[arg-type]
+    try:
+        for ch in ("fo:flip0", "fo:flip1"):
+            broker.interest(ch, True)
+            await broker.history(ch, HistoryOptions(), limit=0)
+            broker.interest(ch, False)
+            broker.interest(ch, True)
+            res = await broker.history(ch, HistoryOptions(), limit=0)  # BrokerError if never confirmed
+            assert res.position.offset == 0
+            await publish_once(broker, ch, 1)
+        async with asyncio.timeout(5):
+            while handler.pubs < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        await broker.close()

@@ -197,6 +197,7 @@ class RedisClusterBroker(RedisBroker):
         self._slots = asyncio.Semaphore(pool_size)  # commands in flight (the pool does not block)
         self._subs: dict[str, _NodeSub] = {}  # master name -> its Pub/Sub connection
         self._where: dict[str, str] = {}  # channel -> master it is SSUBSCRIBEd on
+        self._subbed: dict[str, Any] = {}  # channel -> the _Chan that SSUBSCRIBE was sent for
         self._sync = asyncio.Event()
         self._refresh = False  # the slot map must be asked again before the next sync
         self.resent: dict[str, int] = {}  # publish replies after which the script was sent again, by kind
@@ -522,6 +523,10 @@ class RedisClusterBroker(RedisBroker):
                     await sub.pubsub.sunsubscribe(pchan)
                 if chan is not None:
                     chan.state = "new"  # repaired once subscribed on its new master
+            elif chan is not self._subbed.get(channel):
+                # Interest went away and came back before this sync: still subscribed on the server, but
+                # the new _Chan needs a confirmation of its own (SSUBSCRIBE again gives one).
+                del self._where[channel]
         for channel, chan in list(self._chans.items()):
             if channel in self._where:
                 continue
@@ -531,6 +536,7 @@ class RedisClusterBroker(RedisBroker):
             # (recorded first: the confirmation may be read before ssubscribe returns)
             sub.channels.add(channel)
             self._where[channel] = node.name
+            self._subbed[channel] = chan
             try:
                 await sub.pubsub.ssubscribe(chan.pchan)
             except BaseException:
@@ -541,6 +547,8 @@ class RedisClusterBroker(RedisBroker):
             if sub.task is None:  # (reading starts once the connection is in Pub/Sub mode)
                 assert self._loop is not None
                 sub.task = self._loop.create_task(self._read_sub(sub))
+        for channel in [c for c in self._subbed if c not in self._where]:
+            del self._subbed[channel]
         for name, sub in list(self._subs.items()):
             if not sub.channels and name not in {n.name for n in nm.get_nodes_by_server_type("primary")}:
                 await self._drop_sub(sub)
