@@ -368,13 +368,17 @@ class RedisClusterBroker(RedisBroker):
                 for i in todo:
                     out[i] = BrokerError("redis unavailable: the cluster did not take it in time")
                 break
+            # (a failure here leaves those requests to the next round or the deadline: the publications
+            # already acknowledged by other masters are answered as such, never turned into errors)
             for node in {n.name: n for n in noscript}.values():
-                await self._load_scripts_on(node)
+                with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                    await self._load_scripts_on(node)
             if again:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
             if again or moved:  # the slot map is asked again (the next groups go straight to the owner)
-                await client.nodes_manager.initialize()
+                with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                    await client.nodes_manager.initialize()
             todo.sort()
         results: list[Publication | Repeat | BrokerError] = []
         for r, pid, rep in zip(reqs, ids, out, strict=True):
