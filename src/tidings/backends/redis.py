@@ -644,26 +644,27 @@ class RedisBroker:
         (a lost Pub/Sub message with nothing after it) is repaired, one in a new epoch is lost."""
         while True:
             await asyncio.sleep(self.check_interval)
-            live = [(ch, c) for ch, c in self._chans.items() if c.state == "live"]
+            # (each channel's top as sent: a live message may move it on before the reply is read)
+            live = [(ch, c, c.top) for ch, c in self._chans.items() if c.state == "live"]
             try:
                 async with asyncio.timeout(self.timeout):
                     await self._refresh_epoch0()
                     if not live:
                         continue
                     pipe = self._client.pipeline(transaction=False)
-                    for ch, _ in live:
+                    for ch, _, _ in live:
                         pipe.hmget(self._key(ch, "m"), "e", "t")
                     tops = await pipe.execute()
             except (RedisError, OSError, TimeoutError) as exc:
                 log.info("position check skipped: %s", exc)
                 continue
-            for (ch, chan), (epoch, top) in zip(live, tops, strict=True):
+            for (ch, chan, sent_top), (epoch, top) in zip(live, tops, strict=True):
                 if self._chans.get(ch) is not chan or chan.state != "live":
                     continue
                 if epoch is None:
                     if chan.top > 0:
                         self._lose(ch, chan, "the channel's stream is gone")
-                elif epoch.decode() != chan.epoch or int(top) < chan.top:
+                elif epoch.decode() != chan.epoch or int(top) < sent_top:
                     if chan.top > 0:
                         self._lose(ch, chan, "the channel's stream was lost (new epoch)")
                     else:
