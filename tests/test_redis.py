@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -21,66 +17,13 @@ import aiohttp
 import pytest
 import redis
 
-from .conftest import API_KEY, Probe, ProbeFactory, ServerFactory, bound_socket
+from .conftest import API_KEY, Probe, ProbeFactory, ServerFactory
 from .redis_servers import RedisServer
+from .serve_process import Node
+
+__all__ = ["Node"]  # re-exported: other tests import Node from here
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def free_port() -> int:
-    with bound_socket() as s:
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Node:
-    """One ``tidings serve`` process on a free loopback port."""
-
-    def __init__(self, tmp: Path, broker: str, name: str) -> None:
-        self.port = free_port()
-        env = {**os.environ, "TIDINGS_API_KEYS": API_KEY, "TIDINGS_REDIS_CHECK_INTERVAL": "0.5"}
-        self.log = (tmp / f"{name}.log").open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tidings",
-                "serve",
-                "--port",
-                str(self.port),
-                "--broker",
-                broker,
-                "--data-dir",
-                str(tmp / name),
-            ],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def ready(self, session: aiohttp.ClientSession, timeout: float = 15.0) -> None:
-        async with asyncio.timeout(timeout):
-            while True:
-                assert self.proc.poll() is None, f"node exited with {self.proc.returncode}"
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{self.http}/healthz") as r:
-                        if r.status == 200:
-                            return
-                await asyncio.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
 
 
 @pytest.fixture
