@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import redis
+
+from tidings.protocol import new_publication_id
 
 from .conftest import API_KEY, Probe, ProbeFactory, ServerFactory
 from .redis_servers import RedisServer
@@ -154,3 +157,78 @@ async def test_redis_down_answers_503_in_bounded_time_and_a_lost_stream_is_flagg
             "subscribe", channel="pub:down", since={"offset": seen["offset"], "epoch": seen["epoch"]}
         )
         assert r2["recovered"] is False and r2["epoch"] != seen["epoch"]
+
+
+# ------------------------------------------------------------------------ one lost Pub/Sub message
+
+
+def lose_one_publication(url: str, channel: str, data: Any, prefix: str = "tidings") -> int:
+    """What ``_PUBLISH`` does for a publication, by hand on the real Redis, but without its PUBLISH: the
+    offset increment and the XADD with the script's field layout (``d`` data, ``i`` info, ``id``, ``t``
+    Redis time in ms). The stream has it; no node hears of it live. Returns its offset."""
+    r = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        meta, stream = f"{prefix}:{{{channel}}}:m", f"{prefix}:{{{channel}}}:s"
+        assert r.hget(meta, "e") is not None, "publish once normally first: the channel has its epoch"
+        secs, micros = r.time()
+        ms = secs * 1000 + micros // 1000
+        top = int(r.hincrby(meta, "t", 1))
+        r.xadd(
+            stream, {"d": orjson.dumps(data), "i": b"", "id": new_publication_id(), "t": ms}, id=f"{top}-1"
+        )
+        return top
+    finally:
+        r.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_lost_pubsub_message_is_repaired_before_the_next_one(
+    start_server: ServerFactory, probe: ProbeFactory, redis_url: str
+) -> None:
+    """Exactly one publication reaches the stream but not Pub/Sub; the next normal publish arrives with an
+    offset one too far, and the node reads the missing one from the stream first: in order, no
+    duplicate. The position check is set to 60 s, so it is not what repairs it here."""
+    srv = await start_server(broker=redis_url, redis_check_interval=60.0)
+    sub = await probe(srv)
+    await sub.ok("subscribe", channel="pub:lost")
+    async with aiohttp.ClientSession() as s:
+        assert (await http_publish(s, srv.http, "pub:lost", "one"))[0] == 200
+        assert [m["data"] for m in await sub.messages(1)] == ["one"]
+        lost = await asyncio.to_thread(lose_one_publication, redis_url, "pub:lost", "lost")
+        assert lost == 2
+        # nothing tells the node yet (no Pub/Sub message, no position check within the test)
+        with contextlib.suppress(TimeoutError):
+            early = await sub.push(timeout=0.5)
+            raise AssertionError(f"delivered before anything could have told the node: {early}")
+        status, body = await http_publish(s, srv.http, "pub:lost", "three")
+        assert status == 200 and body["offset"] == 3
+        got = await sub.messages(2)
+    assert [(m["offset"], m["data"]) for m in got] == [(2, "lost"), (3, "three")]
+    with contextlib.suppress(TimeoutError):
+        extra = await sub.push(timeout=1.0)
+        raise AssertionError(f"a push after the repair (a duplicate?): {extra}")
+
+
+@pytest.mark.timeout(30)
+async def test_a_lost_pubsub_message_with_nothing_after_it_is_found_by_the_position_check(
+    start_server: ServerFactory, probe: ProbeFactory, redis_url: str
+) -> None:
+    """No later publish comes: the periodic position check (``redis_check_interval`` 0.3 s) sees the
+    stream's top ahead of what the node delivered and repairs it within a bounded time."""
+    interval = 0.3
+    srv = await start_server(broker=redis_url, redis_check_interval=interval)
+    sub = await probe(srv)
+    await sub.ok("subscribe", channel="pub:lost-quiet")
+    async with aiohttp.ClientSession() as s:
+        assert (await http_publish(s, srv.http, "pub:lost-quiet", "one"))[0] == 200
+        assert [m["data"] for m in await sub.messages(1)] == ["one"]
+        t0 = time.monotonic()
+        await asyncio.to_thread(lose_one_publication, redis_url, "pub:lost-quiet", "lost")
+        got = await sub.messages(1, timeout=5 * interval + 2)
+        took = time.monotonic() - t0
+    print(f"repaired by the position check after {took:.2f} s (interval {interval} s)")
+    assert [(m["offset"], m["data"]) for m in got] == [(2, "lost")]
+    assert took < 2 * interval + 1.0, took
+    with contextlib.suppress(TimeoutError):
+        extra = await sub.push(timeout=1.0)
+        raise AssertionError(f"a push after the repair (a duplicate?): {extra}")
