@@ -16,94 +16,25 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
 
-from tidings.client import Client, GapEvent
+from tidings.client import Client
 
 from .browser_helpers import PlaywrightError, Watch, chromium
-from .conftest import API_KEY
+from .ledger import Delivered, Flagged, Ledger, collect, gap_recorder, publisher, until
 from .serve_process import Node
 from .tcp_balancer import TcpBalancer
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHANNELS = ["pub:kill-0", "pub:kill-1", "pub:kill-2"]
 RATE = 50  # publications per second, round-robin over CHANNELS
-
-
-@dataclass
-class Ledger:
-    """What was acknowledged, delivered and flagged, per channel; ``report`` counts lost."""
-
-    acked: dict[str, list[tuple[int, str, int]]] = field(default_factory=dict)  # (offset, epoch, n)
-    away: int = 0  # acknowledged while the client(s) were not connected
-
-    def ack(self, channel: str, offset: int, epoch: str, n: int) -> None:
-        self.acked.setdefault(channel, []).append((offset, epoch, n))
-
-    def report(
-        self,
-        delivered: dict[str, list[tuple[int, str, int]]],
-        flagged: list[tuple[str, str, int, int | None]],
-    ) -> dict[str, int]:
-        """``flagged``: (channel, epoch, after offset, up to offset or None = the rest of that epoch)."""
-        counts = {"acknowledged": 0, "delivered": 0, "flagged": 0, "lost": 0, "duplicates": 0}
-        for channel, acked in self.acked.items():
-            got = delivered.get(channel, [])
-            keys = [(o, e) for o, e, _ in got]
-            counts["duplicates"] += len(keys) - len(set(keys))
-            offsets = [o for o, _, _ in got]
-            assert offsets == sorted(offsets), f"{channel}: out of order: {offsets}"
-            have = {(o, e): n for o, e, n in got}
-            for offset, epoch, n in acked:
-                counts["acknowledged"] += 1
-                if (offset, epoch) in have:
-                    assert have[(offset, epoch)] == n, f"{channel} {offset}: another publication"
-                    counts["delivered"] += 1
-                elif any(
-                    ch == channel and e == epoch and offset > lo and (hi is None or offset <= hi)
-                    for ch, e, lo, hi in flagged
-                ):
-                    counts["flagged"] += 1
-                else:
-                    counts["lost"] += 1
-        return counts
-
-
-async def publisher(
-    session: aiohttp.ClientSession,
-    url: str,
-    ledger: Ledger,
-    stop: asyncio.Event,
-    away: Callable[[], bool],
-) -> int:
-    """Publish over HTTP at RATE/s until ``stop``; every 200 reply goes into the ledger. Returns how many
-    requests were not acknowledged (there must be none: A stays up)."""
-    n, failed = 0, 0
-    start = time.monotonic()
-    while not stop.is_set():
-        channel = CHANNELS[n % len(CHANNELS)]
-        async with session.post(
-            f"{url}/api/publish", json={"channel": channel, "data": {"n": n}}, headers=AUTH
-        ) as r:
-            body = await r.json()
-        if r.status == 200:
-            ledger.ack(channel, int(body["offset"]), str(body["epoch"]), n)
-            ledger.away += away()
-        else:
-            failed += 1
-        n += 1
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), max(0.0, start + n / RATE - time.monotonic()))
-    return failed
 
 
 @pytest.fixture
@@ -118,15 +49,6 @@ async def two_nodes(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[Node,
             n.stop()
 
 
-async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not cond():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s: {what}") from None
-
-
 @pytest.mark.timeout(90)
 async def test_kill9_of_a_node_python_clients_recover_through_the_balancer(
     two_nodes: tuple[Node, Node],
@@ -134,35 +56,24 @@ async def test_kill9_of_a_node_python_clients_recover_through_the_balancer(
     a, b = two_nodes
     async with TcpBalancer([("127.0.0.1", b.port), ("127.0.0.1", a.port)]) as lb:
         clients = [Client(lb.ws_url, min_backoff=0.1, max_backoff=0.5) for _ in range(2)]
-        delivered: list[dict[str, list[tuple[int, str, int]]]] = [{} for _ in clients]
-        flagged: list[list[tuple[str, str, int, int | None]]] = [[] for _ in clients]
+        delivered: list[Delivered] = [{} for _ in clients]
+        flagged: list[Flagged] = [[] for _ in clients]
         tasks: list[asyncio.Task[None]] = []
-
-        def on_gap(i: int) -> Callable[[GapEvent], None]:
-            def note(g: GapEvent) -> None:
-                prev = g.previous
-                if prev is not None:
-                    hi = None if g.epoch_changed else g.position.offset
-                    flagged[i].append((g.channel, prev.epoch, prev.offset, hi))
-
-            return note
-
-        async def collect(i: int, sub: Any) -> None:
-            async for p in sub:
-                delivered[i].setdefault(p.channel, []).append((p.offset, p.epoch, p.data["n"]))
 
         ledger = Ledger()
         stop = asyncio.Event()
         try:
             for i, c in enumerate(clients):
-                c.on("gap", on_gap(i))
+                c.on("gap", gap_recorder(flagged[i]))
                 await c.connect(timeout=10)
                 for ch in CHANNELS:
-                    tasks.append(asyncio.create_task(collect(i, await c.subscribe(ch))))
+                    tasks.append(asyncio.create_task(collect(await c.subscribe(ch), delivered[i])))
             assert lb.forwarded == {("127.0.0.1", b.port): len(clients)}  # every client is on B
             async with aiohttp.ClientSession() as s:
                 pub = asyncio.create_task(
-                    publisher(s, a.http, ledger, stop, lambda: not all(c.connected for c in clients))
+                    publisher(
+                        s, a.http, ledger, stop, CHANNELS, RATE, lambda: not all(c.connected for c in clients)
+                    )
                 )
                 total = lambda: sum(len(v) for d in delivered for v in d.values())  # noqa: E731
                 await until(lambda: total() >= 60, 20, "live deliveries before the kill")
@@ -170,14 +81,12 @@ async def test_kill9_of_a_node_python_clients_recover_through_the_balancer(
                 await asyncio.to_thread(b.kill9)
                 await until(lambda: all(c.connects == 2 for c in clients), 20, "reconnect through the LB")
                 t_back = time.monotonic() - t_kill
-                n_at_back = sum(len(v) for v in ledger.acked.values())
-                await until(
-                    lambda: sum(len(v) for v in ledger.acked.values()) >= n_at_back + 30, 20, "more publishes"
-                )
+                n_at_back = ledger.total
+                await until(lambda: ledger.total >= n_at_back + 30, 20, "more publishes")
                 stop.set()
                 failed = await pub
             assert failed == 0
-            acked = sum(len(v) for v in ledger.acked.values())
+            acked = ledger.total
             await until(lambda: total() >= acked * len(clients), 20, "every acknowledged one delivered")
         finally:
             stop.set()
@@ -257,7 +166,7 @@ async def test_kill9_of_a_node_tidings_js_recovers_through_the_balancer(
             try:
                 async with aiohttp.ClientSession() as s:
                     pub = asyncio.create_task(
-                        publisher(s, a.http, ledger, stop, lambda: not state["connected"])
+                        publisher(s, a.http, ledger, stop, CHANNELS, RATE, lambda: not state["connected"])
                     )
                     await until(lambda: state["count"] >= 60, 20, "live deliveries before the kill")
                     t_kill = time.monotonic()
@@ -265,16 +174,16 @@ async def test_kill9_of_a_node_tidings_js_recovers_through_the_balancer(
                     await until(lambda: not state["connected"], 10, "the page saw the drop")
                     await until(lambda: state["connected"], 20, "the page reconnected through the LB")
                     t_back = time.monotonic() - t_kill
-                    n_at_back = sum(len(v) for v in ledger.acked.values())
+                    n_at_back = ledger.total
                     await until(
-                        lambda: sum(len(v) for v in ledger.acked.values()) >= n_at_back + 30,
+                        lambda: ledger.total >= n_at_back + 30,
                         20,
                         "more publishes",
                     )
                     stop.set()
                     failed = await pub
                 assert failed == 0
-                acked = sum(len(v) for v in ledger.acked.values())
+                acked = ledger.total
                 await until(lambda: state["count"] >= acked, 20, "every acknowledged one shown")
             finally:
                 stop.set()
