@@ -75,6 +75,8 @@ def gap_recorder(flagged: Flagged) -> Callable[[GapEvent], None]:
         if g.previous is not None:
             hi = None if g.epoch_changed else g.position.offset
             flagged.append((g.channel, g.previous.epoch, g.previous.offset, hi))
+        if g.epoch_changed:  # and the new epoch up to where the client resumes in it
+            flagged.append((g.channel, g.position.epoch, 0, g.position.offset))
 
     return note
 

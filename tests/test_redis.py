@@ -241,9 +241,44 @@ async def test_a_lost_pubsub_message_with_nothing_after_it_is_found_by_the_posit
 AOF_CHANNELS = ["pub:aof-0", "pub:aof-1"]
 
 
+CRASH_LOSES = 20  # publish transactions cut from the AOF's tail for the "crash" case (~0.25 s of them)
+
+
+def drop_aof_tail(dir: Path, n: int) -> int:
+    """What a machine crash does to an ``everysec`` AOF: the last writes never reached the disk. Cut the
+    incremental AOF (Redis 7's multi-part AOF) before its ``n``-th last MULTI: each publish script is
+    one MULTI/EXEC there (its effects), so exactly the last ``n`` publications are gone. Returns the
+    bytes cut."""
+    (incr,) = (dir / "appendonlydir").glob("*.incr.aof")
+    data = incr.read_bytes()
+    marker = b"*1\r\n$5\r\nMULTI\r\n"
+    starts = [i for i in range(len(data)) if data.startswith(marker, i)]
+    assert len(starts) > n, f"only {len(starts)} transactions in {incr}"
+    cut = starts[-n]
+    incr.write_bytes(data[:cut])
+    return len(data) - cut
+
+
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGKILL"])
-@pytest.mark.parametrize("fsync", ["always", "everysec"])
+@pytest.mark.parametrize(
+    ("fsync", "signame"),
+    [
+        ("always", "SIGTERM"),
+        ("always", "SIGKILL"),
+        ("everysec", "SIGTERM"),
+        ("everysec", "SIGKILL"),
+        pytest.param(
+            "everysec",
+            "crash",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known hole: Redis that came back behind what it acknowledged (AOF tail lost) gets "
+                "new publications at offsets subscribers already hold, in the same epoch; nothing tells "
+                "them (fix: the publish script must start a new epoch after a lossy restart)",
+            ),
+        ),
+    ],
+)
 async def test_redis_restarted_with_its_aof_under_load(
     tmp_path: Path, make_redis_server: Callable[..., RedisServer], fsync: str, signame: str
 ) -> None:
@@ -256,8 +291,11 @@ async def test_redis_restarted_with_its_aof_under_load(
     ``always``: Redis fsyncs before it answers, so nothing acknowledged can be missing after the restart:
     flagged must be 0 too. ``everysec``: a SIGTERM flushes and fsyncs the AOF (nothing lost); after a
     SIGKILL what Redis had written is in the kernel's page cache and survives the process (the up-to-1 s
-    window is a crash of the machine itself), so everything comes back here too; anything missing would
-    have to be flagged."""
+    window is a crash of the machine itself), so everything comes back here too. ``crash`` simulates that
+    machine crash: SIGKILL, then the AOF's last CRASH_LOSES publications cut off before the restart:
+    Redis comes back behind what it acknowledged, and the nodes then publish again at offsets their
+    subscribers already hold. Each subscriber must be told (lost = 0 with flagged > 0), never handed a
+    different publication at an offset it already had."""
     srv = make_redis_server(persistence="aof", args=["--appendfsync", fsync])
     assert srv.client().config_get("appendfsync") == {"appendfsync": fsync}
     env = {"TIDINGS_REDIS_TIMEOUT": "2"}
@@ -283,6 +321,8 @@ async def test_redis_restarted_with_its_aof_under_load(
             before = ledger.total
             t_down = time.monotonic()
             await asyncio.to_thread(srv.stop if signame == "SIGTERM" else srv.kill)
+            if signame == "crash":
+                cut = drop_aof_tail(srv.dir, CRASH_LOSES)
             await until(
                 lambda: sum(1 for t, st, _ in ledger.attempts if t > t_down and st == 503) >= 80,
                 20,
@@ -336,11 +376,14 @@ async def test_redis_restarted_with_its_aof_under_load(
         f"publishing resumed {resumed - t_up:.2f} s after Redis answered PING again "
         f"({resumed - first_fail:.2f} s after the first 503); {repaired} acknowledged before the "
         f"nodes' Pub/Sub was back ({t_pubsub - t_up:.2f} s after PING), repaired from the stream"
+        + (f"; AOF tail cut: {CRASH_LOSES} publications, {cut} bytes" if signame == "crash" else "")
     )
     for i, (d, f) in enumerate(pairs):
         counts = ledger.report(d, f)
         print(f"  subscriber on node {'ab'[i]}: {counts}")
         assert counts["lost"] == 0 and counts["duplicates"] == 0, counts
         assert counts["acknowledged"] == ledger.total
-        if fsync == "always":
+        if signame == "crash":
+            assert counts["flagged"] > 0, counts
+        else:  # nothing acknowledged is missing from Redis: nothing to flag
             assert counts["flagged"] == 0 and counts["delivered"] == ledger.total, counts
