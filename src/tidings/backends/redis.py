@@ -662,28 +662,31 @@ class RedisBroker:
         (a lost Pub/Sub message with nothing after it) is repaired, one in a new epoch is lost."""
         while True:
             await asyncio.sleep(self.check_interval)
-            live = [(ch, c) for ch, c in self._chans.items() if c.state == "live"]
             try:
                 async with asyncio.timeout(self.timeout):
                     await self._refresh_epoch0()
                     await self._refresh_durable()
+                    # Each channel's position as it is now, before the read: Redis's top can only be at
+                    # or past it. (Compared with chan.top after the read, a live delivery that came in
+                    # meanwhile would look like a stream that went back.)
+                    live = [(ch, c, c.epoch, c.top) for ch, c in self._chans.items() if c.state == "live"]
                     if not live:
                         continue
                     pipe = self._client.pipeline(transaction=False)
-                    for ch, _ in live:
+                    for ch, *_ in live:
                         pipe.hmget(self._key(ch, "m"), "e", "t")
                     tops = await pipe.execute()
             except (RedisError, OSError, TimeoutError) as exc:
                 log.info("position check skipped: %s", exc)
                 continue
-            for (ch, chan), (epoch, top) in zip(live, tops, strict=True):
-                if self._chans.get(ch) is not chan or chan.state != "live":
+            for (ch, chan, was_epoch, was_top), (epoch, top) in zip(live, tops, strict=True):
+                if self._chans.get(ch) is not chan or chan.state != "live" or chan.epoch != was_epoch:
                     continue
                 if epoch is None:
-                    if chan.top > 0:
+                    if was_top > 0:
                         self._lose(ch, chan, "the channel's stream is gone")
-                elif epoch.decode() != chan.epoch or int(top) < chan.top:
-                    if chan.top > 0:
+                elif epoch.decode() != was_epoch or int(top) < was_top:
+                    if was_top > 0:
                         self._lose(ch, chan, "the channel's stream was lost (new epoch)")
                     else:
                         chan.epoch = epoch.decode()
