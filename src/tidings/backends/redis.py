@@ -360,37 +360,45 @@ class RedisBroker:
                 _answer(done, results[i : i + len(reqs)])
                 i += len(reqs)
 
+    def _epoch0_for(self, channel: str) -> str:
+        """The key of the epoch a never-published ``channel`` is in (one per slot on Redis Cluster)."""
+        return self._epoch0_key
+
+    def _publish_durable(self) -> bool:
+        """Whether Redis keeps every acknowledged write across its own restart (the script's ARGV[12])."""
+        return self._durable
+
+    def _publish_argv(self, r: PublishRequest, pid: str) -> tuple[Any, ...]:
+        """numkeys, KEYS and ARGV of ``_PUBLISH`` for one request: its one calling convention."""
+        meta = self._key(r.channel, "m")
+        ttl_ms = max(1, int(r.opts.ttl * 1000))
+        return (
+            5,
+            meta,
+            self._key(r.channel, "s"),
+            self._key(r.channel, f"k:{r.key}") if r.key else meta,
+            self._epoch0_for(r.channel),
+            self._key(r.channel, "b"),
+            r.raw,
+            r.raw_info or b"",
+            pid,
+            r.opts.size,
+            ttl_ms,
+            ttl_ms + META_EXTRA_MS,
+            secrets.token_hex(4),
+            "1" if r.key else "",
+            max(1, int(self.idempotency.window * 1000)),
+            self._key(r.channel, "p"),
+            EPOCH0_TTL_MS,
+            "1" if self._publish_durable() else "",
+        )
+
     async def _run_publish(self, reqs: list[PublishRequest]) -> PublishResult:
         ids = [new_publication_id() for _ in reqs]
         for attempt in (0, 1):
             pipe = self._client.pipeline(transaction=False)
             for r, pid in zip(reqs, ids, strict=True):
-                meta = self._key(r.channel, "m")
-                keys = [
-                    meta,
-                    self._key(r.channel, "s"),
-                    self._key(r.channel, f"k:{r.key}") if r.key else meta,
-                    self._epoch0_key,
-                    self._key(r.channel, "b"),
-                ]
-                ttl_ms = max(1, int(r.opts.ttl * 1000))
-                pipe.evalsha(
-                    self._sha_publish,
-                    5,
-                    *keys,
-                    r.raw,
-                    r.raw_info or b"",
-                    pid,
-                    r.opts.size,
-                    ttl_ms,
-                    ttl_ms + META_EXTRA_MS,
-                    secrets.token_hex(4),
-                    "1" if r.key else "",
-                    max(1, int(self.idempotency.window * 1000)),
-                    self._key(r.channel, "p"),
-                    EPOCH0_TTL_MS,
-                    "1" if self._durable else "",
-                )
+                pipe.evalsha(self._sha_publish, *self._publish_argv(r, pid))
             try:
                 replies = await pipe.execute()
                 break
