@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -575,3 +576,32 @@ async def test_a_form_from_one_worker_posts_to_another(deployment: Deployment) -
     async with HTTPClient(d.http, d.api_key()) as api:
         pubs, _, _ = await api.history("chat:lobby")
     assert [p.data["body"] for p in pubs] == ["across workers"]
+
+
+@pytest.mark.timeout(90)
+async def test_a_worker_killed_while_redis_is_down_comes_back_with_redis(
+    tmp_path: Path, make_redis_server: Callable[..., Any]
+) -> None:
+    """kill -9 of a worker while Redis is down: its restart cannot reach Redis (exit 75), which the
+    supervisor does not count as a crash loop; once Redis is back the worker is too, and both serve."""
+    rs = make_redis_server()
+    d = Deployment(tmp_path, rs.url)
+    try:
+        await asyncio.to_thread(d.start)
+        rs.stop()
+        os.kill(d.pids[1], signal.SIGKILL)
+        await asyncio.to_thread(
+            wait_for,
+            # 4 failed starts + the kill = 5 exits, restart_limit: counted as crashes, this would give up
+            lambda: "cannot reach its broker; starting it again in 8 s (attempt 4)" in d.text(),
+            30,
+            "the restarted worker did not fail 4 times with its broker unreachable",
+        )
+        assert "tidings: cannot start: storage: cannot reach Redis" in d.text()
+        rs.start()
+        await asyncio.to_thread(wait_for, lambda: "worker 2 is back" in d.text(), 40, "worker 2 not back")
+        assert d.running and "giving up" not in d.text()
+        back = {int(m) for m in re.findall(r"worker 2 is back \(pid (\d+)\)", d.text())}
+        assert len(await per_worker(d.http, {d.pids[0], *back})) == 2
+    finally:
+        d.stop()
