@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,9 +47,20 @@ from .base import (
 
 try:
     import redis.asyncio as aioredis
+    from redis.asyncio.sentinel import (
+        Sentinel,
+        SentinelConnectionPool,
+        SentinelManagedConnection,
+        SentinelManagedSSLConnection,
+    )
     from redis.exceptions import NoScriptError, RedisError
 except ImportError:  # pragma: no cover - the extra is not installed
     aioredis = None  # type: ignore[assignment]
+
+
+class WaitError(RedisError if aioredis is not None else Exception):  # type: ignore[misc]
+    """WAIT returned fewer replicas than ``redis_wait_replicas``: the group answers ``unavailable``."""
+
 
 __all__ = ["RedisBroker", "RedisTarget"]
 
@@ -171,6 +183,19 @@ class RedisTarget:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    # Sentinel (redis+sentinel://): where the sentinels are and the master they name; host/port above are
+    # then the first sentinel's. username/password are the master's, sentinel_* the sentinels' own.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str = ""
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+    def describe(self) -> str:
+        """Where Redis is, for an error message (no credentials)."""
+        if self.sentinels:
+            addrs = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"the master {self.master_name!r} of the sentinels at {addrs}"
+        return f"Redis at {self.host}:{self.port}"
 
 
 @dataclass(slots=True)
@@ -178,12 +203,30 @@ class _Chan:
     """This node's view of one channel it has local subscribers for."""
 
     pchan: bytes
+    shard: int  # which Pub/Sub connection holds its subscription
     epoch: str | None = None  # None until the subscription is confirmed and the position read
     top: int = 0  # last offset delivered here
     state: str = "new"  # new -> live; "repair" while the missing range is read
     backlog: list[tuple[int, str, Publication]] = field(default_factory=list)
     recent: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=RECENT_IDS))
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True)
+class _Shard:
+    """One of the node's Pub/Sub connections, with its own listener task and reconnect backoff."""
+
+    index: int
+    pubsub: Any = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    connects: int = 0  # how many times it (re)connected
+
+
+if aioredis is not None:
+
+    class _SentinelBlockingPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+        """The master's connections, found through the sentinels (asked again on every new connection,
+        so a failover moves them), from a pool that waits for a free connection like the standalone one."""
 
 
 class RedisBroker:
@@ -200,6 +243,9 @@ class RedisBroker:
         check_interval: float = 2.0,
         pool_size: int = 32,
         idempotency: IdempotencyOptions | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
+        pubsub_shards: int = 4,
     ) -> None:
         if aioredis is None:
             raise BrokerError("the Redis broker needs redis-py: pip install 'tidings[redis]'")
@@ -210,20 +256,14 @@ class RedisBroker:
         self.timeout = timeout
         self.check_interval = check_interval
         self.idempotency = idempotency or IdempotencyOptions()
-        # Blocking: a burst of calls waits for a free connection (within ``timeout``), never fails.
-        pool = aioredis.BlockingConnectionPool(
-            host=target.host,
-            port=target.port,
-            db=target.db,
-            username=target.username,
-            password=target.password,
-            connection_class=aioredis.SSLConnection if target.tls else aioredis.Connection,
-            socket_timeout=timeout,
-            socket_connect_timeout=min(timeout, 2.0),
-            max_connections=pool_size,
-            timeout=timeout,
-        )
-        self._client = aioredis.Redis(connection_pool=pool)
+        self.pool_size = pool_size
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = max(1, int(wait_timeout * 1000))
+        if wait_replicas and wait_timeout >= timeout:
+            raise ValueError("redis_wait_timeout must be below redis_timeout")
+        self._sentinel: Any = None
+        self._client: Any = self._make_client()
+        self._shards = [_Shard(i) for i in range(max(1, pubsub_shards))]
         self._sha_publish = ""
         self._sha_read = ""
         self._epoch0 = secrets.token_hex(4)
@@ -232,10 +272,51 @@ class RedisBroker:
         self._queue: list[tuple[list[PublishRequest], PublishDone]] = []
         self._wake = asyncio.Event()
         self._chans: dict[str, _Chan] = {}
-        self._pubsub: Any = None
-        self._connected = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+
+    # ------------------------------------------------------------------------------ connections
+
+    def _make_client(self) -> Any:
+        """The one place this broker's connections are made: a ``redis.asyncio.Redis`` over a blocking
+        pool (a burst of calls waits for a free connection within ``timeout``, never fails), to the
+        standalone server or, with Sentinel, to whichever server the sentinels name as the master. The
+        Pub/Sub connections come from the same pool. A broker for another topology overrides this."""
+        t = self.target
+        common: dict[str, Any] = {
+            "db": t.db,
+            "username": t.username,
+            "password": t.password,
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": min(self.timeout, 2.0),
+            "max_connections": self.pool_size,
+            "timeout": self.timeout,
+        }
+        if t.sentinels:
+            sentinel_kwargs = {
+                "socket_timeout": min(self.timeout, 2.0),
+                "socket_connect_timeout": min(self.timeout, 2.0),
+                "username": t.sentinel_username,
+                "password": t.sentinel_password,
+            }
+            self._sentinel = Sentinel(list(t.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+            return self._sentinel.master_for(
+                t.master_name,
+                connection_pool_class=_SentinelBlockingPool,
+                connection_class=SentinelManagedSSLConnection if t.tls else SentinelManagedConnection,
+                **common,
+            )
+        pool = aioredis.BlockingConnectionPool(
+            host=t.host,
+            port=t.port,
+            connection_class=aioredis.SSLConnection if t.tls else aioredis.Connection,
+            **common,
+        )
+        return aioredis.Redis(connection_pool=pool)
+
+    def _shard_of(self, channel: str) -> int:
+        """A channel's Pub/Sub connection: crc32 of its name, the same on every node and every run."""
+        return zlib.crc32(channel.encode()) % len(self._shards)
 
     # ------------------------------------------------------------------------------ keys
 
@@ -253,13 +334,20 @@ class RedisBroker:
                 await self._load_scripts()
                 await self._refresh_epoch0()
         except (RedisError, OSError, TimeoutError) as exc:
-            await self._client.aclose()
-            raise BrokerError(f"cannot reach Redis at {self.target.host}:{self.target.port}: {exc}") from exc
+            await self._close_clients()
+            why = str(exc) or type(exc).__name__
+            raise BrokerError(f"cannot reach {self.target.describe()}: {why}") from exc
         self._tasks = [
             self._loop.create_task(self._publisher()),
-            self._loop.create_task(self._listener()),
+            *(self._loop.create_task(self._listener(shard)) for shard in self._shards),
             self._loop.create_task(self._checker()),
         ]
+
+    async def _close_clients(self) -> None:
+        await self._client.aclose()
+        if self._sentinel is not None:
+            with contextlib.suppress(Exception):
+                await self._sentinel.aclose()
 
     async def close(self) -> None:
         self._closing = True
@@ -272,10 +360,11 @@ class RedisBroker:
         for _reqs, done in self._queue:
             done(BrokerError("broker closed"))
         self._queue.clear()
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
-        await self._client.aclose()
+        for shard in self._shards:
+            if shard.pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await shard.pubsub.aclose()
+        await self._close_clients()
 
     async def _load_scripts(self) -> None:
         self._sha_publish = _text(await self._client.script_load(_PUBLISH))
@@ -351,6 +440,9 @@ class RedisBroker:
                     self._key(r.channel, "p"),
                     EPOCH0_TTL_MS,
                 )
+            if self.wait_replicas:
+                # Same connection, after the writes: acknowledged only once N replicas have them.
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             try:
                 replies = await pipe.execute()
                 break
@@ -358,6 +450,12 @@ class RedisBroker:
                 if attempt:
                     raise
                 await self._load_scripts()  # Redis restarted or flushed its script cache
+        if self.wait_replicas:
+            acked = int(replies.pop())
+            if acked < self.wait_replicas:
+                # The publications are in the master (and may survive); not acknowledged: a retry with
+                # the idempotency key is safe.
+                raise WaitError(f"{acked} of {self.wait_replicas} replicas acknowledged in time")
         out: PublishResult = []
         for r, pid, rep in zip(reqs, ids, replies, strict=True):
             if rep[0] == 1:
@@ -433,23 +531,24 @@ class RedisBroker:
     def interest(self, channel: str, on: bool) -> None:
         if on:
             if channel not in self._chans:
-                chan = self._chans[channel] = _Chan(self._key(channel, "p").encode())
-                self._subscribe([chan.pchan])
+                shard = self._shard_of(channel)
+                chan = self._chans[channel] = _Chan(self._key(channel, "p").encode(), shard)
+                self._subscribe(self._shards[shard], [chan.pchan])
         else:
             chan_gone = self._chans.pop(channel, None)
             if chan_gone is not None:
                 chan_gone.ready.set()  # never leave a reader waiting
-                self._unsubscribe([chan_gone.pchan])
+                self._unsubscribe(self._shards[chan_gone.shard], [chan_gone.pchan])
 
-    def _subscribe(self, pchans: list[bytes]) -> None:
-        if self._pubsub is not None and self._connected.is_set() and pchans:
+    def _subscribe(self, shard: _Shard, pchans: list[bytes]) -> None:
+        if shard.pubsub is not None and shard.connected.is_set() and pchans:
             assert self._loop is not None
-            self._loop.create_task(self._command(self._pubsub.subscribe, pchans))
+            self._loop.create_task(self._command(shard.pubsub.subscribe, pchans))
 
-    def _unsubscribe(self, pchans: list[bytes]) -> None:
-        if self._pubsub is not None and self._connected.is_set() and pchans:
+    def _unsubscribe(self, shard: _Shard, pchans: list[bytes]) -> None:
+        if shard.pubsub is not None and shard.connected.is_set() and pchans:
             assert self._loop is not None
-            self._loop.create_task(self._command(self._pubsub.unsubscribe, pchans))
+            self._loop.create_task(self._command(shard.pubsub.unsubscribe, pchans))
 
     async def _command(self, fn: Any, pchans: list[bytes]) -> None:
         try:
@@ -459,22 +558,31 @@ class RedisBroker:
 
     # ------------------------------------------------------------------------------ live stream
 
-    async def _listener(self) -> None:
-        """Hold the Pub/Sub connection: (re)connect with backoff, resubscribe every channel, and hand
-        each message to :meth:`_on_message`."""
+    def _shard_name(self, shard: _Shard) -> str:
+        """The Pub/Sub connection's CLIENT SETNAME (what ``CLIENT LIST TYPE pubsub`` shows)."""
+        return f"{self.prefix}:pubsub:{shard.index}"
+
+    async def _listener(self, shard: _Shard) -> None:
+        """Hold one Pub/Sub connection: (re)connect with backoff, resubscribe the channels of this shard
+        (only those: a dropped connection repairs its own channels), and hand each message to
+        :meth:`_on_message`. With Sentinel, every connect asks the sentinels for the master."""
         delay = 0.05
         prefix_len = len(self.prefix) + 2
         while True:
             pubsub = self._client.pubsub()
             try:
-                await pubsub.connect()  # type: ignore[no-untyped-call]
-                self._pubsub = pubsub
-                self._connected.set()  # from here on, a new interest subscribes on its own
-                for chan in self._chans.values():
+                await pubsub.connect()
+                conn = pubsub.connection
+                await conn.send_command("CLIENT", "SETNAME", self._shard_name(shard))
+                await conn.read_response()
+                shard.pubsub = pubsub
+                shard.connects += 1
+                shard.connected.set()  # from here on, a new interest subscribes on its own
+                mine = [c for c in self._chans.values() if c.shard == shard.index]
+                for chan in mine:
                     chan.state = "new"  # whatever was missed is repaired once resubscribed
-                pchans = [c.pchan for c in self._chans.values()]
                 # (the placeholder keeps the connection in Pub/Sub mode when there is nothing yet)
-                await pubsub.subscribe(f"{self.prefix}:-", *pchans)
+                await pubsub.subscribe(f"{self.prefix}:-", *[c.pchan for c in mine])
                 delay = 0.05
                 while True:
                     msg = await pubsub.get_message(timeout=None)
@@ -496,12 +604,14 @@ class RedisBroker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._connected.clear()
-                self._pubsub = None
+                shard.connected.clear()
+                shard.pubsub = None
                 if not self._closing:
-                    log.warning("redis pubsub connection lost (%s); reconnecting in %.2fs", exc, delay)
+                    log.warning(
+                        "redis pubsub connection %d lost (%s); reconnecting in %.2fs", shard.index, exc, delay
+                    )
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -579,8 +689,13 @@ class RedisBroker:
                         res = await self._read(channel, HistoryOptions(size=0), None, 0)
                         chan.epoch, chan.top = res.position.epoch, res.position.offset
                     else:
+                        # The first read includes the last offset delivered here, to check it still holds
+                        # the same publication: after a failover without WAIT the new master may have
+                        # lost it and given its offset to another one.
+                        known = next((pid for off, pid in reversed(chan.recent) if off == chan.top), None)
                         while True:
-                            res = await self._read(channel, HistoryOptions(), chan.top, REPAIR_CHUNK)
+                            since = chan.top - 1 if known is not None else chan.top
+                            res = await self._read(channel, HistoryOptions(), since, REPAIR_CHUNK)
                             if self._chans.get(channel) is not chan:
                                 return
                             if res.position.epoch != chan.epoch and not (
@@ -596,8 +711,13 @@ class RedisBroker:
                                 self._lose(channel, chan, "history no longer holds the missing range")
                                 return
                             for pub in res.publications:
+                                if pub.offset == chan.top and known is not None and pub.id != known:
+                                    why = f"offset {pub.offset} holds another publication (Redis lost data)"
+                                    self._lose(channel, chan, why)
+                                    return
                                 if pub.offset == chan.top + 1:
                                     self._deliver(chan, pub)
+                            known = None
                             if chan.top >= res.position.offset or not res.publications:
                                 break
                 break
