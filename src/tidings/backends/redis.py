@@ -163,6 +163,16 @@ end
 return {m[1], top, first, out}
 """
 
+# KEYS: meta. ARGV: the epoch to retire, its successor. The channel keeps its top offset.
+_RETIRE = """
+local e = redis.call('HGET', KEYS[1], 'e')
+if e == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'e', ARGV[2])
+  return ARGV[2]
+end
+return e
+"""
+
 # How long a channel's meta outlives its last publish beyond the history TTL, and how long the shared
 # epoch of never-published channels lives (shorter, so a channel forgotten after being idle that long
 # starts again in an epoch it never had).
@@ -271,6 +281,8 @@ class RedisBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: list[tuple[list[PublishRequest], PublishDone]] = []
         self._wake = asyncio.Event()
+        self._down = False  # the publisher's last round trip failed to reach Redis
+        self._back = asyncio.Event()  # set (and replaced) when the publisher reaches Redis again
         self._chans: dict[str, _Chan] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -402,14 +414,30 @@ class RedisBroker:
                 async with asyncio.timeout(self.timeout):
                     results = await self._run_publish([r for reqs, _ in batch for r in reqs])
             except (RedisError, OSError, TimeoutError) as exc:
+                self._reached(isinstance(exc, WaitError))
                 err = BrokerError(f"redis unavailable: {exc or type(exc).__name__}")
                 for _, done in batch:
                     _answer(done, err)
                 continue
+            self._reached(True)
             i = 0
             for reqs, done in batch:
                 _answer(done, results[i : i + len(reqs)])
                 i += len(reqs)
+
+    def _reached(self, ok: bool) -> None:
+        if not ok:
+            self._down = True
+        elif self._down:
+            self._down = False
+            self._back.set()  # wake the Pub/Sub connections and repairs waiting out their backoff
+            self._back = asyncio.Event()
+
+    async def _backoff(self, delay: float, back: asyncio.Event) -> None:
+        """Sleep ``delay``, or less: until the publisher reached Redis again since ``back`` was taken
+        (after a failover or a restart the Pub/Sub connections come back with it, not up to 2 s later)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(back.wait(), delay)
 
     async def _run_publish(self, reqs: list[PublishRequest]) -> PublishResult:
         ids = [new_publication_id() for _ in reqs]
@@ -570,6 +598,7 @@ class RedisBroker:
         prefix_len = len(self.prefix) + 2
         while True:
             pubsub = self._client.pubsub()
+            back = self._back
             try:
                 await pubsub.connect()
                 conn = pubsub.connection
@@ -612,7 +641,7 @@ class RedisBroker:
                     )
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
-                await asyncio.sleep(delay)
+                await self._backoff(delay, back)
                 delay = min(delay * 2, 2.0)
 
     def _on_subscribed(self, channel: str, chan: _Chan) -> None:
@@ -661,7 +690,8 @@ class RedisBroker:
         elif pub.offset <= chan.top:
             for off, pid in chan.recent:
                 if off == pub.offset and pid != pub.id:
-                    self._lose(channel, chan, f"offset {pub.offset} was published twice (Redis lost data)")
+                    why = f"offset {pub.offset} was published twice (Redis lost data)"
+                    self._lose(channel, chan, why, reused=True)
                     return
         else:  # a gap: read the missing range, then this and what follows
             chan.state = "repair"
@@ -683,6 +713,7 @@ class RedisBroker:
         A new channel starts at the top; retries while Redis is unreachable."""
         delay = 0.05
         while self._chans.get(channel) is chan:
+            back = self._back
             try:
                 async with asyncio.timeout(self.timeout):
                     if chan.epoch is None:
@@ -704,7 +735,11 @@ class RedisBroker:
                                 self._lose(channel, chan, "the channel's stream was lost (new epoch)")
                                 return
                             if res.position.offset < chan.top:
-                                self._lose(channel, chan, "the channel's stream went back (Redis lost data)")
+                                why = (
+                                    f"the channel's stream went back from {chan.top} to "
+                                    f"{res.position.offset} in epoch {chan.epoch} (Redis lost data)"
+                                )
+                                self._lose(channel, chan, why, reused=True)
                                 return
                             chan.epoch = res.position.epoch
                             if res.position.offset > chan.top and res.first_offset > chan.top + 1:
@@ -713,7 +748,7 @@ class RedisBroker:
                             for pub in res.publications:
                                 if pub.offset == chan.top and known is not None and pub.id != known:
                                     why = f"offset {pub.offset} holds another publication (Redis lost data)"
-                                    self._lose(channel, chan, why)
+                                    self._lose(channel, chan, why, reused=True)
                                     return
                                 if pub.offset == chan.top + 1:
                                     self._deliver(chan, pub)
@@ -723,7 +758,7 @@ class RedisBroker:
                 break
             except (RedisError, OSError, TimeoutError) as exc:
                 log.info("repair of %s waits for Redis: %s", channel, exc)
-                await asyncio.sleep(delay)
+                await self._backoff(delay, back)
                 delay = min(delay * 2, 2.0)
         if self._chans.get(channel) is not chan:
             return
@@ -737,46 +772,75 @@ class RedisBroker:
                     chan.backlog = [*[b for b in backlog[i + 1 :]], *chan.backlog]
                 return
 
-    def _lose(self, channel: str, chan: _Chan, why: str) -> None:
-        """Tell every local subscriber of ``channel`` that this node cannot keep it gapless."""
+    def _lose(self, channel: str, chan: _Chan, why: str, *, reused: bool = False) -> None:
+        """Tell every local subscriber of ``channel`` that this node cannot keep it gapless. ``reused``:
+        Redis lost publications of the channel's epoch and gives (or will give) their offsets to others,
+        so the epoch is retired first (:meth:`_retire`)."""
         log.warning("channel %s: %s; its subscribers are told to resubscribe", channel, why)
+        epoch = chan.epoch
         if self._chans.get(channel) is chan:
             # Start over: the subscribers that come back set the channel up afresh.
             chan.epoch, chan.top, chan.state, chan.backlog = None, 0, "new", []
             chan.recent.clear()
             chan.ready.set()
         assert self._loop is not None and self._handler is not None
-        self._loop.call_soon(self._handler.lost, channel)
+        if reused and epoch is not None:
+            self._loop.create_task(self._retire(channel, epoch))
+        else:
+            self._loop.call_soon(self._handler.lost, channel)
+
+    async def _retire(self, channel: str, epoch: str) -> None:
+        """Move ``channel`` from ``epoch`` to a new one (compare-and-set: several nodes finding the same
+        loss retire it once), then tell the local subscribers. Redis went back under publications this
+        node delivered (a failover without WAIT, an older AOF): offsets of that epoch now name other
+        publications, so a client positioned in it, here or on any node, must get ``recovered: false``
+        rather than a replay that skips what was published under the offsets it already saw."""
+        delay = 0.05
+        for _ in range(8):
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._client.eval(_RETIRE, 1, self._key(channel, "m"), epoch, secrets.token_hex(4))
+                break
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("channel %s: cannot retire epoch %s yet: %s", channel, epoch, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        assert self._handler is not None
+        self._handler.lost(channel)
 
     async def _checker(self) -> None:
         """Every ``check_interval``: one pipelined read of every local channel's top; a channel behind
         (a lost Pub/Sub message with nothing after it) is repaired, one in a new epoch is lost."""
         while True:
             await asyncio.sleep(self.check_interval)
-            live = [(ch, c) for ch, c in self._chans.items() if c.state == "live"]
+            # (each channel's position as it was before the read: live messages may move it meanwhile)
+            live = [(ch, c, c.top, c.epoch) for ch, c in self._chans.items() if c.state == "live"]
             try:
                 async with asyncio.timeout(self.timeout):
                     await self._refresh_epoch0()
                     if not live:
                         continue
                     pipe = self._client.pipeline(transaction=False)
-                    for ch, _ in live:
+                    for ch, *_ in live:
                         pipe.hmget(self._key(ch, "m"), "e", "t")
                     tops = await pipe.execute()
             except (RedisError, OSError, TimeoutError) as exc:
                 log.info("position check skipped: %s", exc)
                 continue
-            for (ch, chan), (epoch, top) in zip(live, tops, strict=True):
-                if self._chans.get(ch) is not chan or chan.state != "live":
+            for (ch, chan, was_top, was_epoch), (epoch, top) in zip(live, tops, strict=True):
+                if self._chans.get(ch) is not chan or chan.state != "live" or chan.epoch != was_epoch:
                     continue
                 if epoch is None:
                     if chan.top > 0:
                         self._lose(ch, chan, "the channel's stream is gone")
-                elif epoch.decode() != chan.epoch or int(top) < chan.top:
+                elif epoch.decode() != chan.epoch:
                     if chan.top > 0:
                         self._lose(ch, chan, "the channel's stream was lost (new epoch)")
                     else:
                         chan.epoch = epoch.decode()
+                elif int(top) < was_top:
+                    why = f"the stream went back from {was_top} to {int(top)} in epoch {chan.epoch}"
+                    self._lose(ch, chan, why + " (Redis lost data)", reused=True)
                 elif int(top) > chan.top:
                     chan.state = "repair"
                     assert self._loop is not None
