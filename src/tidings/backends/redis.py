@@ -365,17 +365,24 @@ class RedisBroker:
         self._closing = True
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        pending: set[asyncio.Task[None]] = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        # A listener blocked in redis-py's read without a timeout may not take the cancellation until its
+        # connection goes: close the Pub/Sub connections, then wait (bounded) for the tasks to end.
+        for shard in self._shards:
+            if shard.pubsub is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self.timeout):
+                        await shard.pubsub.aclose()
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=self.timeout)
+            if pending:
+                log.warning("%d Redis broker task(s) did not end on close", len(pending))
         self._tasks = []
         for _reqs, done in self._queue:
             done(BrokerError("broker closed"))
         self._queue.clear()
-        for shard in self._shards:
-            if shard.pubsub is not None:
-                with contextlib.suppress(Exception):
-                    await shard.pubsub.aclose()
         await self._close_clients()
 
     async def _load_scripts(self) -> None:
@@ -614,7 +621,11 @@ class RedisBroker:
                 await pubsub.subscribe(f"{self.prefix}:-", *[c.pchan for c in mine])
                 delay = 0.05
                 while True:
-                    msg = await pubsub.get_message(timeout=None)
+                    # (a bounded wait: redis-py's read without a timeout can swallow a cancellation,
+                    # so the listener also looks at ``_closing`` at least every second)
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if self._closing:
+                        return
                     if msg is None:
                         continue
                     kind = msg["type"]
