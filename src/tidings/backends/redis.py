@@ -1,4 +1,5 @@
-"""redis:// and rediss:// — history and live fan-out shared by every node through one Redis.
+"""redis://, rediss:// and redis+sentinel:// — history and live fan-out shared by every node through one
+Redis (with Sentinel: whichever server the sentinels name as the master, asked on every new connection).
 
 Per channel ``C`` (every key carries the hash tag ``{C}``, so a channel's keys share one slot):
 
@@ -13,12 +14,19 @@ and PUBLISH of the encoded publication, so offsets are gapless across every node
 acknowledged only after Redis ran all of it. Queued groups go to Redis pipelined, one round trip for
 everything waiting, one pipeline in flight (so acknowledgements keep request order).
 
+With ``wait_replicas`` (``redis_wait_replicas``) the group's pipeline ends with ``WAIT N timeout`` on the
+same connection; fewer replicas than N answer the whole group ``unavailable``.
+
 Live delivery: one Pub/Sub subscription per channel per node, held only while the node has local
-subscribers. Pub/Sub is at-most-once, so the node tracks the last offset it delivered per channel and
-repairs from the stream: a message whose offset is not the next one, a Pub/Sub connection that came back,
-or a periodic position check (one pipelined round trip for every local channel) makes it read the missing
-range and deliver it in order before anything newer. When the stream cannot supply it (trimmed, expired,
-or the channel's epoch changed), every local subscriber is told (``BrokerHandler.lost``).
+subscribers, on one of ``pubsub_shards`` connections (``crc32(channel) % shards``), each with its own
+listener and reconnect. Pub/Sub is at-most-once, so the node tracks the last offset it delivered per
+channel and repairs from the stream: a message whose offset is not the next one, a Pub/Sub connection
+that came back, or a periodic position check (one pipelined round trip for every local channel) makes it
+read the missing range and deliver it in order before anything newer. When the stream cannot supply it
+(trimmed, expired, or the channel's epoch changed), every local subscriber is told
+(``BrokerHandler.lost``). When the stream went back under what this node delivered (a failover without
+WAIT), the channel's epoch is retired in Redis first, so clients positioned in it get
+``recovered: false`` on every node.
 """
 
 from __future__ import annotations
@@ -646,10 +654,10 @@ class RedisBroker:
             except Exception as exc:
                 shard.connected.clear()
                 shard.pubsub = None
-                if not self._closing:
-                    log.warning(
-                        "redis pubsub connection %d lost (%s); reconnecting in %.2fs", shard.index, exc, delay
-                    )
+                if not self._closing:  # (a warning when it drops, the retries after it at info)
+                    level = logging.WARNING if delay == 0.05 else logging.INFO
+                    what = "redis pubsub connection %d: %s; reconnecting in %.2fs"
+                    log.log(level, what, shard.index, exc, delay)
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                 await self._backoff(delay, back)
