@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 
 from tidings.backends import BrokerOptions, BrokerURLError, broker_from_url
-from tidings.backends.redis import RedisBroker
+from tidings.backends.redis import _PUBLISH, RedisBroker
 from tidings.config import Namespace
 
 from .conftest import API_KEY, Probe, ProbeFactory, ServerFactory
@@ -454,3 +454,39 @@ async def test_sentinel_failover_without_wait_tells_every_client_what_it_lost(
     assert r["lost"] == 0, r
     assert all(sub.told for sub in r["subs"]), r
     assert r["acked"] > r["acked_before_kill"]
+
+
+@pytest.mark.timeout(60)
+async def test_an_offset_reused_while_pubsub_was_away_retires_the_epoch(
+    start_server: ServerFactory, probe: ProbeFactory, redis_server: RedisServer
+) -> None:
+    """What a failover without WAIT can leave: Redis lost offsets 4 and 5 after this node delivered them,
+    and gave 4..6 to other publications that no node saw live. The node finds it when its Pub/Sub
+    connection comes back (offset 5 holds another publication id), retires the epoch, and the subscriber
+    is told: its resubscribe with ``since`` answers ``recovered: false``, never a silent skip to 6."""
+    srv = await start_server(broker=redis_server.url, redis_pubsub_shards=1, redis_check_interval=30.0)
+    sub = await probe(srv)
+    await sub.ok("subscribe", channel="pub:re")
+    async with aiohttp.ClientSession() as s:
+        for i in range(5):
+            assert (await http_publish(s, srv.http, "pub:re", i))[0] == 200
+    got = await sub.messages(5)
+    epoch = got[-1]["epoch"]
+    meta, stream = "tidings:{pub:re}:m", "tidings:{pub:re}:s"
+    kept = redis_server.command("XRANGE", stream, "-", "3-1")  # the stream as the replica had it
+    redis_server.command("DEL", stream)
+    for eid, fields in kept:
+        redis_server.command("XADD", stream, eid, *fields)
+    redis_server.command("HSET", meta, "t", 3)
+    for n in (4, 5, 6):  # the _PUBLISH script, its Pub/Sub message sent where no node listens
+        keys = [meta, stream, meta, "tidings:epoch0"]
+        args = [f'"other{n}"', "", f"other-{n}", 200, 3_600_000, 90_000_000, "ffffffff", "", 1000]
+        rep = redis_server.command("EVAL", _PUBLISH, 4, *keys, *args, "nowhere", 86_400_000)
+        assert rep[1] == n
+    assert redis_server.command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+    async with asyncio.timeout(10):
+        push = await sub.push(timeout=10)
+    assert push["type"] == "unsubscribe" and push["code"] == "insufficient_state", push  # not message 6
+    assert redis_server.command("HGET", meta, "e") != epoch  # retired in Redis: every node sees it
+    r = await sub.ok("subscribe", channel="pub:re", since={"offset": 5, "epoch": epoch})
+    assert r["recovered"] is False and r["epoch"] != epoch and r["offset"] == 6
