@@ -490,3 +490,34 @@ async def test_an_offset_reused_while_pubsub_was_away_retires_the_epoch(
     assert redis_server.command("HGET", meta, "e") != epoch  # retired in Redis: every node sees it
     r = await sub.ok("subscribe", channel="pub:re", since={"offset": 5, "epoch": epoch})
     assert r["recovered"] is False and r["epoch"] != epoch and r["offset"] == 6
+
+
+@pytest.mark.timeout(60)
+async def test_the_position_check_under_load_reports_no_loss(
+    start_server: ServerFactory, probe: ProbeFactory, redis_server: RedisServer
+) -> None:
+    """The periodic check reads each channel's top while live messages keep moving the node's position:
+    it must compare with the position from before its read (a steady stream is not a stream that went
+    back)."""
+    srv = await start_server(
+        broker=redis_server.url, redis_check_interval=0.02, client_rate=1e6, user_rate=1e6
+    )
+    sub = await probe(srv)
+    await sub.ok("subscribe", channel="pub:busy")
+    counter = iter(range(1_000_000))
+    deadline = time.monotonic() + 3.0
+
+    async def publisher(s: aiohttp.ClientSession) -> None:
+        while time.monotonic() < deadline:
+            status, body = await http_publish(s, srv.http, "pub:busy", next(counter))
+            assert status == 200, body
+
+    async with aiohttp.ClientSession() as s:
+        await asyncio.gather(*(publisher(s) for _ in range(4)))
+    n = next(counter)
+    got = await sub.messages(n, timeout=30)
+    assert sorted(m["data"] for m in got) == list(range(n))
+    assert [m["offset"] for m in got] == list(range(1, n + 1))
+    with contextlib.suppress(TimeoutError):
+        extra = await sub.push(timeout=0.5)
+        raise AssertionError(f"unexpected push: {extra}")
