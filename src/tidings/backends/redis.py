@@ -355,7 +355,7 @@ class RedisBroker:
                 await self._refresh_epoch0()
         except (RedisError, OSError, TimeoutError) as exc:
             await self._close_clients()
-            why = str(exc) or type(exc).__name__
+            why = str(exc) or f"no answer within redis_timeout ({self.timeout:g} s)"
             raise BrokerError(f"cannot reach {self.target.describe()}: {why}") from exc
         self._tasks = [
             self._loop.create_task(self._publisher()),
