@@ -521,3 +521,38 @@ async def test_the_position_check_under_load_reports_no_loss(
     with contextlib.suppress(TimeoutError):
         extra = await sub.push(timeout=0.5)
         raise AssertionError(f"unexpected push: {extra}")
+
+
+def lose_after(srv: RedisServer, channel: str, keep: int) -> None:
+    """Make Redis forget a channel's publications after offset ``keep`` (what the promoted replica of a
+    master that died before replicating them holds)."""
+    meta, stream = f"tidings:{{{channel}}}:m", f"tidings:{{{channel}}}:s"
+    kept = srv.command("XRANGE", stream, "-", f"{keep}-1")
+    srv.command("DEL", stream)
+    for eid, fields in kept:
+        srv.command("XADD", stream, eid, *fields)
+    srv.command("HSET", meta, "t", keep)
+
+
+@pytest.mark.timeout(60)
+async def test_a_publisher_acknowledged_again_at_an_old_offset_retires_the_epoch(
+    start_server: ServerFactory, probe: ProbeFactory, redis_server: RedisServer
+) -> None:
+    """Nobody is subscribed anywhere (the client was away during the failover): the node that publishes
+    remembers what it acknowledged, finds offset 4 acknowledged again after 5, and retires the epoch, so
+    the client coming back with ``since`` 5 is told ``recovered: false`` instead of getting offset 6 only
+    (and never the publications now at 4 and 5)."""
+    srv = await start_server(broker=redis_server.url)
+    async with aiohttp.ClientSession() as s:
+        acks = [(await http_publish(s, srv.http, "pub:away", i))[1] for i in range(5)]
+        seen = acks[-1]
+        lose_after(redis_server, "pub:away", 3)
+        for i in range(3):
+            status, body = await http_publish(s, srv.http, "pub:away", f"new{i}")
+            assert status == 200 and body["offset"] == 4 + i, body
+    async with asyncio.timeout(5):  # the retirement is one round trip behind the acknowledgement
+        while redis_server.command("HGET", "tidings:{pub:away}:m", "e") == seen["epoch"]:
+            await asyncio.sleep(0.02)
+    p = await probe(srv)
+    r = await p.ok("subscribe", channel="pub:away", since={"offset": seen["offset"], "epoch": seen["epoch"]})
+    assert r["recovered"] is False and r["offset"] == 6, r

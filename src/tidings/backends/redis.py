@@ -189,6 +189,7 @@ META_EXTRA_MS = 2 * EPOCH0_TTL_MS
 MAX_BACKLOG = 10_000  # live messages held per channel while it is being repaired
 REPAIR_CHUNK = 1000
 RECENT_IDS = 64
+ACKED_CHANNELS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +293,10 @@ class RedisBroker:
         self._down = False  # the publisher's last round trip failed to reach Redis
         self._back = asyncio.Event()  # set (and replaced) when the publisher reaches Redis again
         self._chans: dict[str, _Chan] = {}
+        # channel -> (epoch, offset) of the newest publication this node had acknowledged there, for the
+        # ACKED_CHANNELS most recently published channels: an offset at or below it in the same epoch
+        # means Redis went back (a failover without WAIT) and reuses offsets.
+        self._acked: dict[str, tuple[str, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -505,18 +510,37 @@ class RedisBroker:
                 offset, epoch, first_id = rep[1].split(b"\0")
                 out.append(Repeat(r.channel, int(offset), epoch.decode(), first_id.decode()))
             else:
-                out.append(
-                    Publication(
-                        r.channel,
-                        int(rep[1]),
-                        rep[2].decode(),
-                        pid,
-                        int(rep[3]),
-                        raw=r.raw,
-                        raw_info=r.raw_info,
-                    )
+                pub = Publication(
+                    r.channel,
+                    int(rep[1]),
+                    rep[2].decode(),
+                    pid,
+                    int(rep[3]),
+                    raw=r.raw,
+                    raw_info=r.raw_info,
                 )
+                self._note_acked(pub)
+                out.append(pub)
         return out
+
+    def _note_acked(self, pub: Publication) -> None:
+        """Remember the newest acknowledged offset per channel; one that did not grow in the same epoch
+        means Redis lost what this node acknowledged and gave its offsets to others: retire the epoch,
+        so that a client positioned there gets ``recovered: false`` even where nobody was subscribed."""
+        acked = self._acked
+        prev = acked.pop(pub.channel, None)
+        acked[pub.channel] = (pub.epoch, pub.offset)
+        if len(acked) > ACKED_CHANNELS:
+            del acked[next(iter(acked))]
+        if prev is not None and prev[0] == pub.epoch and pub.offset <= prev[1]:
+            why = f"offset {pub.offset} was acknowledged again after {prev[1]} (Redis lost data)"
+            chan = self._chans.get(pub.channel)
+            if chan is not None and chan.epoch == pub.epoch:
+                self._lose(pub.channel, chan, why, reused=True)
+            else:
+                log.warning("channel %s: %s; its epoch is retired", pub.channel, why)
+                assert self._loop is not None
+                self._loop.create_task(self._retire(pub.channel, pub.epoch))
 
     # ------------------------------------------------------------------------------ history
 
