@@ -8,6 +8,9 @@ comes from ``FAKE_WORKERS="1=ok,2=crash"``:
 * ``crash``: ready, exits 3 after ``FAKE_CRASH_AFTER`` seconds (every time it is started).
 * ``crash-once``: like ``crash`` the first time (marked by the file ``FAKE_MARK``), then ``ok``.
 * ``stubborn``: ready, ignores SIGTERM and SIGINT (only SIGKILL ends it).
+* ``broker-down``: ready the first time; after ``FAKE_CRASH_AFTER`` s it exits 3, and every later start
+  exits with EXIT_BROKER_UNAVAILABLE before it is ready while the file ``FAKE_BROKER_DOWN`` exists
+  (then ``ok``).
 
 Each start appends ``<index> <pid>`` to ``FAKE_LOG``.
 """
@@ -20,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from tidings.workers import notify_ready, tie_to_supervisor, worker_info
+from tidings.workers import EXIT_BROKER_UNAVAILABLE, notify_ready, tie_to_supervisor, worker_info
 
 
 def main() -> int:
@@ -35,6 +38,16 @@ def main() -> int:
         mark = Path(os.environ["FAKE_MARK"])
         mode = "ok" if mark.exists() else "crash"
         mark.touch()
+    if mode == "broker-down":
+        mark = Path(os.environ["FAKE_MARK"])
+        if not mark.exists():
+            mark.touch()
+            mode = "crash"
+        elif Path(os.environ["FAKE_BROKER_DOWN"]).exists():
+            print(f"tidings: cannot start: storage: fake broker down (worker {info.index})", file=sys.stderr)
+            return EXIT_BROKER_UNAVAILABLE
+        else:
+            mode = "ok"
     if mode == "fail":
         print(f"tidings: fake start-up error in worker {info.index}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""One broker contract, run unchanged against every broker (``memory://`` and ``sqlite:///...``).
+"""One broker contract, run unchanged against every broker (``memory://``, ``sqlite:///...``, ``redis://``
+and ``redis+cluster://`` on a real 3-master cluster).
 
 Network-free: brokers are built with :func:`broker_from_url` and started with a recording handler.
 Every wait is on an event or a bounded poll under ``asyncio.timeout``.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +26,11 @@ from tidings.backends import (
     SqliteBroker,
     broker_from_url,
 )
-from tidings.backends.base import PublishRequest, PublishResult, Repeat
+from tidings.backends.base import PresenceList, PublishRequest, PublishResult, Repeat, SharesPresence
 from tidings.backends.redis import RedisBroker
+from tidings.backends.redis_cluster import RedisClusterBroker
 from tidings.backends.stream import Stream, now_ms
+from tidings.presence import presence_for
 from tidings.protocol import Event, Publication, StreamPosition
 from tidings.subscriptions import can_recover
 
@@ -138,18 +141,27 @@ def ids(p: Publication | Repeat) -> tuple[str, int, str, str]:
     return (p.channel, p.offset, p.epoch, p.id)
 
 
-KINDS = ["memory", "sqlite", "redis"]
-BROKER_TYPES: dict[str, type] = {"memory": MemoryBroker, "sqlite": SqliteBroker, "redis": RedisBroker}
+KINDS = ["memory", "sqlite", "redis", "redis-cluster"]
+BROKER_TYPES: dict[str, type] = {
+    "memory": MemoryBroker,
+    "sqlite": SqliteBroker,
+    "redis": RedisBroker,
+    "redis-cluster": RedisClusterBroker,
+}
 
 
 def url_for(kind: str, tmp_path: Path, redis_url: str = "") -> str:
-    if kind == "redis":
+    if kind in ("redis", "redis-cluster"):
         return redis_url
     return "memory://" if kind == "memory" else f"sqlite:///{tmp_path}/t.db"
 
 
 async def _fixture(kind: str, tmp_path: Path, request: pytest.FixtureRequest, opts: BrokerOptions) -> Fixture:
-    redis_url = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    redis_url = ""
+    if kind == "redis":
+        redis_url = request.getfixturevalue("redis_url")
+    elif kind == "redis-cluster":
+        redis_url = request.getfixturevalue("redis_cluster").url
     broker = broker_from_url(url_for(kind, tmp_path, redis_url), opts)
     assert isinstance(broker, BROKER_TYPES[kind])
     handler = RecordingHandler()
@@ -235,6 +247,15 @@ async def test_group_is_atomic_and_ordered_over_several_channels(fx: Fixture) ->
     ]
     await fx.handler.until(lambda: len(fx.handler.pubs) == 7)
     got = [(p.channel, p.offset) for p in fx.handler.pubs[1:]]
+    if fx.kind == "redis-cluster":
+        # Channels of different slots live on different masters, each with its own Pub/Sub connection:
+        # every channel's publications arrive in order, but the order across masters is not kept
+        # (docs/scaling.md, Redis Cluster). Channels of one master keep the group's order.
+        assert isinstance(fx.broker, RedisClusterBroker)
+        for where in {fx.broker._master_of(ch) for ch in ("g:a", "g:b", "g:c")}:
+            mine = [(p.channel, p.offset) for p in pubs if fx.broker._master_of(p.channel) == where]
+            assert [g for g in got if fx.broker._master_of(g[0]) == where] == mine
+        return
     want = [(p.channel, p.offset) for p in pubs]
     if getattr(fx.broker, "is_shared", False):
         # Each channel in offset order; channels on different Pub/Sub connections (redis_pubsub_shards)
@@ -359,6 +380,19 @@ async def test_reads_never_write(fx: Fixture) -> None:
     if fx.kind == "redis":
         assert isinstance(fx.broker, RedisBroker)
         assert await fx.broker._client.dbsize() == 1  # only the shared epoch0 key
+        pub = await fx.publish_one("r:never5", "x")
+        assert pub.position() == StreamPosition(1, results[5].position.epoch)
+        return
+    if fx.kind == "redis-cluster":  # only the epoch0 key of each slot those channels hash to
+        assert isinstance(fx.broker, RedisClusterBroker)
+        keys = await fx.broker._cluster.keys("*", target_nodes=fx.broker._cluster.PRIMARIES)
+        expected = {fx.broker._epoch0_of(f"r:never{i}") for i in range(1000)}
+        assert {k.decode() if isinstance(k, bytes) else k for k in keys} == expected
+        # channels of one slot read one epoch, and a publish afterwards lands in the epoch reads saw
+        by_slot: dict[str, set[str]] = {}
+        for i, r in enumerate(results):
+            by_slot.setdefault(fx.broker._epoch0_of(f"r:never{i}"), set()).add(r.position.epoch)
+        assert all(len(e) == 1 for e in by_slot.values())
         pub = await fx.publish_one("r:never5", "x")
         assert pub.position() == StreamPosition(1, results[5].position.epoch)
         return
@@ -502,6 +536,111 @@ async def test_interest_exists_and_does_not_fail(fx: Fixture) -> None:
     fx.broker.interest("i:x", False)
     fx.broker.interest("i:never", False)
     assert (await fx.publish_one("i:x", 1)).offset == 1
+
+
+# ---------------------------------------------------------------------------------------- presence
+# Every broker's node has a PresenceStore (``presence_for``): a local one for memory and SQLite, the
+# broker's shared one for Redis. Writes of a shared store reach Redis on their own task, so reads wait
+# for them with a bounded poll.
+
+
+async def until_true(check: Callable[[], Awaitable[bool]], timeout: float = WAIT) -> float:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.02)
+    return loop.time() - t0
+
+
+async def test_presence_lists_in_join_order_at_most_limit_counts_all_and_forgets_the_removed(
+    fx: Fixture,
+) -> None:
+    store = presence_for(fx.broker, ttl=30.0, limit=2)
+    await store.start(lambda: {"p:x": 3})
+    try:
+        for c in ("c3", "c2", "c1"):  # join order is not name order
+            store.add("p:x", c, f"user-{c}")
+        store.remove("p:x", "c2")
+        store.add("p:x", "c4", "user-c4")
+        store.remove("p:x", "never-there")
+
+        async def three() -> bool:
+            return (await store.read("p:x")).count == 3
+
+        await until_true(three)
+        found = await store.read("p:x")
+        ids = [c["client"] for c in found.clients]
+        assert len(ids) == 2 and ids == [c for c in ("c3", "c1", "c4") if c in ids]  # limit, join order
+        store.remove("p:x", "c4")
+
+        async def two() -> bool:
+            return (await store.read("p:x")).count == 2
+
+        await until_true(two)
+        assert await store.clients("p:x") == [
+            {"client": "c3", "user": "user-c3"},
+            {"client": "c1", "user": "user-c1"},
+        ]
+        assert await store.read("p:empty") == PresenceList([], 0)
+        assert await store.channels() == {"p:x": 3}  # this node's own channels, always
+    finally:
+        await store.close()
+
+
+async def test_presence_of_a_node_that_stopped_refreshing_expires_after_the_ttl(
+    fx: Fixture, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if not isinstance(fx.broker, SharesPresence):
+        pytest.skip(
+            f"not applicable to {fx.kind}: its presence is local to the node's process, which takes its "
+            "members with it when it stops (no other node ever sees them), so there is no TTL to expire"
+        )
+    ttl = 1.0
+    other = await build(fx.kind, tmp_path, BrokerOptions(), request)  # a second node, same Redis
+    alive = presence_for(fx.broker, ttl=ttl, limit=100)
+    dead = presence_for(other.broker, ttl=ttl, limit=100)
+    clean = presence_for(other.broker, ttl=ttl, limit=100)
+    await alive.start(lambda: {"p:t": 1})
+    await dead.start(lambda: {"p:t": 1, "p:dead": 2})
+    await clean.start(lambda: {"p:clean": 1})
+    try:
+        alive.add("p:t", "a1", "ua")
+        dead.add("p:t", "d1", "ud")
+        clean.add("p:t", "c1", "uc")
+
+        async def all_three() -> bool:
+            return (await alive.read("p:t")).count == 3
+
+        await until_true(all_three)
+
+        async def merged() -> bool:
+            return await alive.channels() == {"p:clean": 1, "p:dead": 2, "p:t": 2}
+
+        await until_true(merged)
+        # a node that shuts down cleanly takes its members and channels out at once
+        await clean.close()
+        # (join order over nodes is the order Redis got their writes in: each node writes on its own)
+        assert sorted(c["client"] for c in await alive.clients("p:t")) == ["a1", "d1"]
+        assert await alive.channels() == {"p:dead": 2, "p:t": 2}
+        # one that stops refreshing (a crash) drops out within the TTL; the live node's member stays
+        await dead.close(forget=False)  # a shared store can stop without clearing (RedisPresence)
+
+        async def only_alive() -> bool:
+            return await alive.clients("p:t") == [{"client": "a1", "user": "ua"}]
+
+        took = await until_true(only_alive, ttl + 2)
+        assert took <= ttl + 0.5, took
+
+        async def only_alive_channels() -> bool:
+            return await alive.channels() == {"p:t": 1}
+
+        await until_true(only_alive_channels, ttl + 2)
+        await asyncio.sleep(2 * ttl)  # several refresh intervals: the live one keeps its member
+        assert (await alive.read("p:t")) == PresenceList([{"client": "a1", "user": "ua"}], 1)
+    finally:
+        await alive.close()
+        await other.broker.close()
 
 
 # ---------------------------------------------------------------------------------------- bounds

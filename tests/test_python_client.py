@@ -755,3 +755,27 @@ async def test_publish_resent_after_a_reconnect_is_stored_once(
     assert sorted(p.offset for p in positions) == list(range(2, n + 2))
     assert client.connects == 2 and client.publish_retries >= n
     print("resent after reconnect:", client.publish_retries)
+
+
+@pytest.mark.timeout(20)
+async def test_fixed_connection_token_that_expires_stops_instead_of_reconnecting(
+    start_server: ServerFactory,
+) -> None:
+    """A fixed token cannot get better: after 4002 (token expired) without get_token the client stops
+    (``disconnect`` with reconnect False, state closed) rather than reconnect with the same token."""
+    srv = await token_server(start_server)
+    stale = Client(srv.ws_url, token=hs({"sub": "alice", "exp": time.time() - 60}), **FAST)
+    rec = Recorder(stale)
+    with pytest.raises(ClientClosed, match="token"):
+        await stale.connect()
+    assert stale.state == "closed" and rec.count("reconnecting") == 0
+    await stale.close()
+
+    client = Client(srv.ws_url, token=hs({"sub": "alice", "exp": time.time() + 2}), **FAST)
+    rec = Recorder(client)
+    async with client:
+        assert client.user == "alice"
+        await rec.wait(lambda: client.state == "closed", timeout=10)
+    (gone,) = rec.events("disconnect")
+    assert gone.code == CloseCode.TOKEN_EXPIRED and gone.reconnect is False
+    assert rec.count("reconnecting") == 0 and client.connects == 1

@@ -34,11 +34,13 @@ def free_port() -> int:
 
 
 class Node:
-    """One ``tidings serve`` process on a free loopback port."""
+    """One ``tidings serve`` process on a free loopback port. ``settings``: more options, passed as
+    ``TIDINGS_<NAME>`` variables (``presence_ttl="2"``)."""
 
-    def __init__(self, tmp: Path, broker: str, name: str) -> None:
+    def __init__(self, tmp: Path, broker: str, name: str, **settings: str) -> None:
         self.port = free_port()
         env = {**os.environ, "TIDINGS_API_KEYS": API_KEY, "TIDINGS_REDIS_CHECK_INTERVAL": "0.5"}
+        env.update({f"TIDINGS_{k.upper()}": v for k, v in settings.items()})
         self.log = (tmp / f"{name}.log").open("wb")
         self.proc = subprocess.Popen(
             [
@@ -71,6 +73,10 @@ class Node:
                         if r.status == 200:
                             return
                 await asyncio.sleep(0.05)
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

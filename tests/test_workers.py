@@ -241,6 +241,7 @@ class Fake:
             "FAKE_LOG": str(self.log),
             "FAKE_MARK": str(self.tmp / "mark"),
             "FAKE_CRASH_AFTER": "1.0",
+            "FAKE_BROKER_DOWN": str(self.tmp / "broker-down"),
         }
         self.sup = Supervisor(self.count, command=[PY, FAKE], env=env, **self.kw)  # type: ignore[arg-type]
 
@@ -309,6 +310,31 @@ def test_supervisor_gives_up_on_a_crash_loop(tmp_path: Path, caplog: pytest.LogC
     assert "3 exits within 60 s, giving up" in caplog.text
     assert "starting it again in 1 s" in caplog.text
     assert all(gone(pid) for _, pid in starts)  # worker 1 was stopped too
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_waits_for_the_broker_instead_of_giving_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that dies while Redis is down cannot start again (exit EXIT_BROKER_UNAVAILABLE): that is
+    not a crash loop — the supervisor keeps starting it with backoff, past restart_limit, until it is back."""
+    caplog.set_level(logging.INFO, "tidings.supervisor")
+    down = tmp_path / "broker-down"
+    down.touch()
+    fake = Fake(tmp_path, "2=broker-down", kw={"restart_limit": 2})
+    waits = lambda: caplog.text.count("worker 2 (pid")  # noqa: E731
+
+    def broker_back() -> None:
+        wait_for(lambda: caplog.text.count("cannot reach its broker") >= 3, 30, "3 starts without a broker")
+        down.unlink()
+
+    threading.Thread(target=broker_back, daemon=True).start()
+    fake.stop_when(lambda: "worker 2 is back" in caplog.text, timeout=45)
+    assert fake.sup.run() == 0
+    assert "giving up" not in caplog.text and "worker 2 is back" in caplog.text
+    assert "starting it again in 1 s (attempt 1)" in caplog.text and "in 4 s (attempt 3)" in caplog.text
+    assert waits() >= 4
+    assert all(gone(pid) for _, pid in fake.starts())
 
 
 def test_supervisor_kills_a_worker_that_does_not_drain(

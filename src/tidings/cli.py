@@ -21,7 +21,7 @@ from .auth import StorageError, ensure_api_key, read_api_key
 from .backends import BROKERS, BrokerError, BrokerURLError, broker_from_url, display_url, is_shared_url
 from .config import ApiKey, ConfigError, Settings, load_settings
 from .protocol import StreamPosition
-from .workers import WorkerInfo
+from .workers import EXIT_BROKER_UNAVAILABLE, WorkerInfo
 
 if TYPE_CHECKING:
     from .client import HTTPClient
@@ -234,7 +234,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
     except BrokerError as exc:  # the history store (SQLite in the data dir, or the broker URL)
         print(f"tidings: cannot start: storage: {exc} (check data_dir and broker)", file=sys.stderr)
-        return 1
+        # A worker's supervisor starts it again later instead of counting this as a crash.
+        return EXIT_BROKER_UNAVAILABLE if worker is not None else 1
     except OSError as exc:  # the listening socket, mostly
         print(f"tidings: cannot start: {exc}", file=sys.stderr)
         return 1

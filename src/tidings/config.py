@@ -113,6 +113,8 @@ class Settings:
     redis_wait_replicas: int = 0  # a publish is acknowledged once this many replicas have it (0: off)
     redis_wait_timeout: float = 1.0  # seconds WAIT may take for them (below redis_timeout)
     redis_pubsub_shards: int = 4  # Pub/Sub connections per process; a channel's is crc32(name) % this
+    presence_ttl: float = 30.0  # seconds a node's presence outlives its last refresh (shared presence)
+    presence_limit: int = 1000  # clients listed in one presence answer (its count is all of them)
     max_fragments: int = 1024  # frames of one incoming WebSocket message
     ws_frame_rate: float = 5000.0  # incoming WebSocket frames per second per connection (burst: twice that)
     ws_inflate_rate: float = (
@@ -182,6 +184,8 @@ _SCALARS: dict[str, type] = {
     "redis_wait_replicas": int,
     "redis_wait_timeout": float,
     "redis_pubsub_shards": int,
+    "presence_ttl": float,
+    "presence_limit": int,
     "max_fragments": int,
     "ws_frame_rate": float,
     "ws_inflate_rate": float,
@@ -197,6 +201,7 @@ _SCALARS: dict[str, type] = {
     "sqlite_synchronous": str,
     "log_level": str,
 }
+_POSITIVE: dict[str, float] = {"presence_ttl": 0.3, "presence_limit": 1}
 _LISTS = {"api_keys", "allowed_origins", "trusted_proxies", "public_url"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -302,6 +307,8 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: {value!r} is not a valid {typ.__name__}") from None
     if typ in (int, float) and out < 0:
         raise ConfigError(f"{name} must not be negative")
+    if name in _POSITIVE and out < _POSITIVE[name]:
+        raise ConfigError(f"{name} must be at least {_POSITIVE[name]}")
     return out
 
 

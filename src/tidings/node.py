@@ -14,7 +14,7 @@ from .config import Settings
 from .hub import Hub
 from .limits import ConnectionLimiter, FailureLimiter, parse_networks
 from .policy import Policy
-from .presence import LocalPresence
+from .presence import presence_for
 from .protocol import CloseCode
 from .subscriptions import Subscriptions
 
@@ -33,7 +33,9 @@ class Node:
         self.broker = broker
         self.policy = Policy(settings)
         self.hub = Hub(max_pending_bytes=settings.max_buffer, on_interest=broker.interest)
-        self.presence: PresenceStore = presence or LocalPresence()
+        self.presence: PresenceStore = presence or presence_for(
+            broker, ttl=settings.presence_ttl, limit=settings.presence_limit
+        )
         self.subscriptions = Subscriptions(self.hub, broker, self.presence)
         self.connections: set[Connection] = set()
         self.drained = asyncio.Event()  # set whenever the last connection goes away
@@ -49,9 +51,17 @@ class Node:
 
     async def start(self) -> None:
         await self.broker.start(self.subscriptions)
+        try:
+            await self.presence.start(self.hub.channels)
+        except BaseException:
+            await self.broker.close()
+            raise
 
     async def close(self) -> None:
-        await self.broker.close()
+        try:
+            await self.presence.close()  # before the broker: a shared store uses its connections
+        finally:
+            await self.broker.close()
 
     def submit(self, reqs: list[PublishRequest], done: PublishDone) -> None:
         """Hand publish requests that passed the gate to the broker as one group (one queue item, one

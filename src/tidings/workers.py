@@ -16,9 +16,12 @@ so it drains and exits instead of living on as an orphan.
 
 While running, the supervisor restarts a worker that exits (at once the first time, then after 1, 2, 4 s
 ...), and gives up (stops every worker, exits 1) when one worker exited :data:`RESTART_LIMIT` times within
-:data:`RESTART_WINDOW` seconds. SIGTERM or SIGINT is forwarded to every worker; each drains (closes its
-WebSockets with 1001 and finishes its requests) and the supervisor exits 0 once all are gone, or kills
-what is left after :data:`DRAIN_TIMEOUT` seconds and exits 1.
+:data:`RESTART_WINDOW` seconds. A worker that could not start again because its broker is unreachable
+(exit status :data:`EXIT_BROKER_UNAVAILABLE`, e.g. Redis down while the worker was being restarted) is not
+a crash loop: it is started again every few seconds (backoff up to :data:`MAX_RESTART_DELAY`), for as long
+as it takes, while the other workers keep serving. SIGTERM or SIGINT is forwarded to every worker; each
+drains (closes its WebSockets with 1001 and finishes its requests) and the supervisor exits 0 once all
+are gone, or kills what is left after :data:`DRAIN_TIMEOUT` seconds and exits 1.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from types import FrameType
 
 __all__ = [
     "DRAIN_TIMEOUT",
+    "EXIT_BROKER_UNAVAILABLE",
     "RESTART_LIMIT",
     "RESTART_WINDOW",
     "WORKER_ENV",
@@ -59,6 +63,7 @@ WORKER_ENV = "_TIDINGS_WORKER"  # internal: set by the supervisor in each worker
 RESTART_LIMIT = 5  # exits of one worker within RESTART_WINDOW before the supervisor gives up
 RESTART_WINDOW = 60.0
 MAX_RESTART_DELAY = 10.0
+EXIT_BROKER_UNAVAILABLE = 75  # EX_TEMPFAIL: a worker's broker was unreachable at its start; try again later
 DRAIN_TIMEOUT = 20.0  # seconds the workers have to drain after SIGTERM (each needs at most ~9 s)
 START_TIMEOUT = 60.0  # seconds a worker has to listen after it was started
 _READY = b"ready\n"
@@ -243,6 +248,7 @@ class Supervisor:
     _signals: list[int] = field(default_factory=list)
     _forwarded: int = 0
     _exits: dict[int, deque[float]] = field(default_factory=dict)
+    _waits: dict[int, int] = field(default_factory=dict)  # index -> starts in a row without its broker
     _restarts: dict[int, float] = field(default_factory=dict)  # index -> when to start it again
     _wake: tuple[int, int] = (-1, -1)
 
@@ -341,6 +347,7 @@ class Supervisor:
                 data = b""
             if _READY.strip() in data:
                 worker.ready = True
+                self._waits.pop(worker.index, None)
                 if worker.restarted:
                     log.info("worker %d is back (pid %d)", worker.index, worker.pid)
             self._close_ready(worker)  # ready, or the pipe closed without a word (it is exiting)
@@ -387,7 +394,7 @@ class Supervisor:
                 del self.workers[worker.index]
                 self._close_ready(worker)
                 self._shutdown()
-                return code if code > 0 else 1
+                return code if code > 0 and code != EXIT_BROKER_UNAVAILABLE else 1
             if all(w.ready for w in self.workers.values()):
                 return None
             now = time.monotonic()
@@ -435,6 +442,18 @@ class Supervisor:
         """Schedule the restart of a worker that exited; False when it crash-loops (give up)."""
         del self.workers[worker.index]
         self._close_ready(worker)
+        if worker.proc.returncode == EXIT_BROKER_UNAVAILABLE and not worker.ready:
+            waits = self._waits[worker.index] = self._waits.get(worker.index, 0) + 1
+            delay = restart_delay(waits + 1)
+            log.warning(
+                "worker %d (pid %d) cannot reach its broker; starting it again in %.0f s (attempt %d)",
+                worker.index,
+                worker.pid,
+                delay,
+                waits,
+            )
+            self._restarts[worker.index] = now + delay
+            return True
         exits = self._exits.setdefault(worker.index, deque())
         exits.append(now)
         while exits and exits[0] < now - self.restart_window:

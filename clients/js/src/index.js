@@ -465,6 +465,8 @@ export class Tidings {
       reason: reason || "",
       reconnect: !NO_RECONNECT.has(code),
     };
+    // 4002 (token expired) with a fixed token: reconnecting with the same token is refused again.
+    if (info.code === 4002 && typeof this.options.getToken !== "function") info.reconnect = false;
     this._lastDisconnect = null;
     if (this._connectedAt && Date.now() - this._connectedAt > 5000) this._attempt = 0;
     this._connectedAt = 0;

@@ -150,3 +150,17 @@ test("3-second connection and subscription tokens for 20 s at 10/s", { timeout: 
     d.close();
   }
 });
+
+test("a fixed connection token that expires stops the client instead of reconnecting", { timeout: 20000 }, async () => {
+  const c = new Tidings({ url: server.url, WebSocket, token: mintToken({ sub: "alice", ttl: 2 }), minReconnectDelay: 50 });
+  const seen = [];
+  c.on("reconnecting", () => seen.push("reconnecting"));
+  const gone = nextEvent(c, "disconnect", 10000);
+  c.connect();
+  const d = await gone;
+  assert.equal(d.code, 4002);
+  assert.equal(d.reconnect, false);
+  assert.equal(c.state, "closed");
+  assert.deepEqual(seen, []);
+  c.close();
+});

@@ -1,5 +1,5 @@
 """Backends, chosen by the scheme of a URL: ``memory://``, ``sqlite:///path``, ``redis://``, ``rediss://``,
-``redis+sentinel://``.
+``redis+sentinel://``, ``redis+cluster://``.
 
 A new broker registers a factory for its scheme with :func:`register_broker`; :func:`broker_from_url`
 refuses an unknown scheme with a :class:`BrokerURLError` that names the known ones.
@@ -206,16 +206,59 @@ def _redis_sentinel(url: SplitResult, opts: BrokerOptions) -> Broker:
     return _redis_broker(target, opts)
 
 
+def _redis_cluster(url: SplitResult, opts: BrokerOptions) -> Broker:
+    """``redis+cluster://[user:password@]host:port[,host:port...]``: startup nodes (any reachable one
+    suffices; the others are found by the cluster client). ``rediss+cluster://`` for TLS."""
+    from .redis_cluster import RedisClusterBroker
+
+    if not opts.redis_prefix or any(c in opts.redis_prefix for c in "{}"):
+        raise BrokerURLError("redis_prefix must be non-empty and hold no '{' or '}'")
+    usage = "redis+cluster://host:port[,host:port...]"
+    userinfo, _, hosts = url.netloc.rpartition("@")
+    if url.path.strip("/") or url.query:
+        raise BrokerURLError(f"a Redis Cluster URL has no database or options: {usage}")
+    nodes: list[tuple[str, int]] = []
+    for part in hosts.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep:
+            host, port = port, "6379"
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise BrokerURLError(f"a Redis Cluster URL lists host:port startup nodes: {usage}")
+        nodes.append((host, int(port)))
+    user, _, password = userinfo.partition(":")
+    return RedisClusterBroker(
+        nodes,
+        username=unquote(user) if user else None,
+        password=unquote(password) if password else None,
+        tls=url.scheme.lower().startswith("rediss"),
+        prefix=opts.redis_prefix,
+        timeout=opts.redis_timeout,
+        check_interval=opts.redis_check_interval,
+        pool_size=opts.redis_pool_size,
+        wait_replicas=opts.redis_wait_replicas,
+        idempotency=IdempotencyOptions(opts.idempotency_window, opts.idempotency_max_keys),
+    )
+
+
 register_broker("memory", _memory)
 register_broker("sqlite", _sqlite)
 register_broker("redis", _redis)
 register_broker("rediss", _redis)
 register_broker("redis+sentinel", _redis_sentinel)
+register_broker("redis+cluster", _redis_cluster)
+register_broker("rediss+cluster", _redis_cluster)
 
 
 def is_shared_url(url: str) -> bool:
     """True for a broker that several processes can share (``--workers`` above 1 needs one)."""
-    return urlsplit(url).scheme.lower() in ("redis", "rediss", "redis+cluster", "redis+sentinel")
+    return urlsplit(url).scheme.lower() in (
+        "redis",
+        "rediss",
+        "redis+cluster",
+        "rediss+cluster",
+        "redis+sentinel",
+    )
 
 
 def broker_from_url(url: str, opts: BrokerOptions | None = None) -> Broker:

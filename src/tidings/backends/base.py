@@ -9,23 +9,27 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..protocol import Event, Publication, StreamPosition
 
 __all__ = [
+    "MAX_LISTED_CHANNELS",
     "Broker",
     "BrokerError",
     "BrokerHandler",
     "HistoryOptions",
     "HistoryResult",
     "IdempotencyOptions",
+    "LocalChannels",
     "OneNode",
+    "PresenceList",
     "PresenceStore",
     "PublishDone",
     "PublishRequest",
     "PublishResult",
     "Repeat",
+    "SharesPresence",
     "land",
     "new_epoch",
 ]
@@ -184,13 +188,50 @@ class OneNode:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceList:
+    """A presence answer: at most the store's ``limit`` ``clients`` (``[{"client", "user"}]`` in join
+    order) and ``count``, how many there are in all."""
+
+    clients: list[dict[str, str]]
+    count: int
+
+
+LocalChannels = Callable[[], dict[str, int]]
+
+
 class PresenceStore(Protocol):
-    """Who is subscribed to a channel, over every node. ``add``/``remove`` never block; reads may."""
+    """Who is subscribed to a channel, and which channels have subscribers, over every node the store
+    sees. ``add``/``remove`` never block; reads may, and raise :class:`BrokerError` when the store is
+    unreachable. ``LocalPresence`` sees one node; ``RedisPresence`` every node sharing one Redis."""
+
+    async def start(self, local_channels: LocalChannels) -> None:
+        """``local_channels()`` gives this node's channels and their local subscriber counts."""
+        ...
+
+    async def close(self) -> None: ...
 
     def add(self, channel: str, client: str, user: str) -> None: ...
 
     def remove(self, channel: str, client: str) -> None: ...
 
+    async def read(self, channel: str) -> PresenceList: ...
+
     async def clients(self, channel: str) -> list[dict[str, str]]:
-        """``[{"client", "user"}]`` in the order they joined."""
+        """``read(channel).clients``: ``[{"client", "user"}]`` in the order they joined."""
         ...
+
+    async def channels(self) -> dict[str, int]:
+        """Channels with subscribers and their subscriber counts (at most ``MAX_LISTED_CHANNELS``)."""
+        ...
+
+
+@runtime_checkable
+class SharesPresence(Protocol):
+    """A broker shared by several nodes that also keeps their presence (``RedisBroker``): the node
+    takes its presence store from here instead of a ``LocalPresence``."""
+
+    def presence_store(self, *, ttl: float, limit: int) -> PresenceStore: ...
+
+
+MAX_LISTED_CHANNELS = 10_000  # channels in one /api/channels answer (the first ones by name)

@@ -52,6 +52,7 @@ from .base import (
     PublishResult,
     Repeat,
 )
+from .redis_presence import RedisPresence
 
 try:
     import redis.asyncio as aioredis
@@ -222,7 +223,7 @@ class _Chan:
     """This node's view of one channel it has local subscribers for."""
 
     pchan: bytes
-    shard: int  # which Pub/Sub connection holds its subscription
+    shard: int = 0  # which Pub/Sub connection holds its subscription
     epoch: str | None = None  # None until the subscription is confirmed and the position read
     top: int = 0  # last offset delivered here
     state: str = "new"  # new -> live; "repair" while the missing range is read
@@ -343,7 +344,17 @@ class RedisBroker:
         """A channel's Pub/Sub connection: crc32 of its name, the same on every node and every run."""
         return zlib.crc32(channel.encode()) % len(self._shards)
 
-    # ------------------------------------------------------------------------------ keys
+    # ------------------------------------------------------------------------------ keys, presence
+
+    def redis_client(self) -> Any:
+        """The client every command goes through (a subclass for Redis Cluster hands its own)."""
+        return self._client
+
+    def presence_store(self, *, ttl: float, limit: int) -> RedisPresence:
+        """Presence over every node sharing this Redis (``backends/redis_presence.py``)."""
+        return RedisPresence(
+            self.redis_client, prefix=self.prefix, ttl=ttl, timeout=self.timeout, limit=limit
+        )
 
     def _key(self, channel: str, kind: str) -> str:
         return f"{self.prefix}:{{{channel}}}:{kind}"
@@ -364,7 +375,7 @@ class RedisBroker:
             raise BrokerError(f"cannot reach {self.target.describe()}: {why}") from exc
         self._tasks = [
             self._loop.create_task(self._publisher()),
-            *(self._loop.create_task(self._listener(shard)) for shard in self._shards),
+            self._loop.create_task(self._listener()),
             self._loop.create_task(self._checker()),
         ]
 
@@ -600,22 +611,33 @@ class RedisBroker:
             if channel not in self._chans:
                 shard = self._shard_of(channel)
                 chan = self._chans[channel] = _Chan(self._key(channel, "p").encode(), shard)
-                self._subscribe(self._shards[shard], [chan.pchan])
+                self._subscribe([chan.pchan])
         else:
             chan_gone = self._chans.pop(channel, None)
             if chan_gone is not None:
                 chan_gone.ready.set()  # never leave a reader waiting
-                self._unsubscribe(self._shards[chan_gone.shard], [chan_gone.pchan])
+                self._unsubscribe([chan_gone.pchan])
 
-    def _subscribe(self, shard: _Shard, pchans: list[bytes]) -> None:
-        if shard.pubsub is not None and shard.connected.is_set() and pchans:
-            assert self._loop is not None
-            self._loop.create_task(self._command(shard.pubsub.subscribe, pchans))
+    def _by_shard(self, pchans: list[bytes]) -> dict[int, list[bytes]]:
+        out: dict[int, list[bytes]] = {}
+        cut = len(self.prefix) + 2
+        for p in pchans:
+            out.setdefault(self._shard_of(p[cut:-3].decode()), []).append(p)
+        return out
 
-    def _unsubscribe(self, shard: _Shard, pchans: list[bytes]) -> None:
-        if shard.pubsub is not None and shard.connected.is_set() and pchans:
-            assert self._loop is not None
-            self._loop.create_task(self._command(shard.pubsub.unsubscribe, pchans))
+    def _subscribe(self, pchans: list[bytes]) -> None:
+        for k, mine in self._by_shard(pchans).items():
+            shard = self._shards[k]
+            if shard.pubsub is not None and shard.connected.is_set():
+                assert self._loop is not None
+                self._loop.create_task(self._command(shard.pubsub.subscribe, mine))
+
+    def _unsubscribe(self, pchans: list[bytes]) -> None:
+        for k, mine in self._by_shard(pchans).items():
+            shard = self._shards[k]
+            if shard.pubsub is not None and shard.connected.is_set():
+                assert self._loop is not None
+                self._loop.create_task(self._command(shard.pubsub.unsubscribe, mine))
 
     async def _command(self, fn: Any, pchans: list[bytes]) -> None:
         try:
@@ -629,7 +651,11 @@ class RedisBroker:
         """The Pub/Sub connection's CLIENT SETNAME (what ``CLIENT LIST TYPE pubsub`` shows)."""
         return f"{self.prefix}:pubsub:{shard.index}"
 
-    async def _listener(self, shard: _Shard) -> None:
+    async def _listener(self) -> None:
+        """Every Pub/Sub connection's listener (a broker for another topology overrides this)."""
+        await asyncio.gather(*(self._shard_listener(shard) for shard in self._shards))
+
+    async def _shard_listener(self, shard: _Shard) -> None:
         """Hold one Pub/Sub connection: (re)connect with backoff, resubscribe the channels of this shard
         (only those: a dropped connection repairs its own channels), and hand each message to
         :meth:`_on_message`. With Sentinel, every connect asks the sentinels for the master."""

@@ -73,6 +73,7 @@ EVENTS: Final = frozenset(
 TRANSIENT: Final = frozenset({"unavailable", "rate_limited", "token_expired", "internal", "timeout"})
 # Refusals of ``connect`` after which a new connection (with a fresh token) may succeed.
 CONNECT_TRANSIENT: Final = frozenset({"unavailable", "rate_limited", "internal", "timeout"})
+_CONNECT_FINAL = (ErrorCode.UNAUTHORIZED, ErrorCode.TOKEN_EXPIRED)
 STABLE_AFTER = 5.0  # seconds a connection must have lived for the backoff to start over
 
 
@@ -746,6 +747,9 @@ class Client:
                 up_for = time.monotonic() - started
                 if stop is None and not (event.reconnect and self.reconnect):
                     stop = ClientClosed(f"server closed the connection: {event.code} {event.reason}".rstrip())
+                if stop is None and event.code == CloseCode.TOKEN_EXPIRED and self.get_token is None:
+                    # A fixed token stays expired: reconnecting with it can only be refused again.
+                    stop = ClientClosed("the connection token expired and there is no get_token to renew it")
                 self._emit("disconnect", DisconnectEvent(event.code, event.reason, stop is None))
                 if stop is not None:
                     self._stop(stop)
@@ -849,31 +853,57 @@ class Client:
 
     async def _renew_connection(self, conn: _Conn, ttl: float) -> None:
         """Renew the connection token in-band before it expires: ``connect`` with a fresh token."""
-        assert self.get_token is not None
+        get_token = self.get_token
+        assert get_token is not None
+
+        async def renew() -> dict[str, Any]:
+            token = await _fetch_token(get_token)
+            result = await self._call(conn, "connect", {"token": token})
+            self.token = token
+            return result
+
+        # unauthorized: the server closes with 4001 (stop); token_expired: 4002, the reconnect gets a
+        # fresh token. Giving up at expiry: the server closes with 4002 too.
+        result = await self._renew_in_band(conn, ttl, renew, lambda: True, quiet=(), final=_CONNECT_FINAL)
+        if result is not None:
+            self.renewals += 1
+            self._schedule_renewal(conn, result)
+
+    async def _renew_in_band(
+        self,
+        conn: _Conn,
+        ttl: float,
+        renew: Callable[[], Awaitable[dict[str, Any]]],
+        wanted: Callable[[], bool],
+        *,
+        quiet: tuple[str, ...],
+        final: tuple[str, ...],
+    ) -> dict[str, Any] | None:
+        """At :func:`renew_delay` of ``ttl``, ``renew()``; a failure is reported (``error``; not for codes
+        in ``quiet``) and retried with backoff until the token would have expired. Returns the reply, or
+        None when the connection dropped, ``wanted()`` turned false, a ``quiet``/``final`` code came, or
+        time ran out (the server then ends what the token granted, which has its own path)."""
         loop = asyncio.get_running_loop()
         expiry = loop.time() + ttl
         await asyncio.sleep(max(0.0, renew_delay(ttl)))
         attempt = 0
-        while conn.alive:
+        while conn.alive and wanted():
             try:
-                token = await _fetch_token(self.get_token)
-                result = await self._call(conn, "connect", {"token": token})
+                return await renew()
             except ConnectionLost:
-                return
+                return None
             except TidingsError as exc:
+                if exc.code in quiet:
+                    return None
                 self._error(exc)
-                if exc.code in (ErrorCode.UNAUTHORIZED, ErrorCode.TOKEN_EXPIRED):
-                    return  # the server closes (4001: stop; 4002: reconnect with a fresh token)
+                if exc.code in final:
+                    return None
                 attempt += 1
                 left = expiry - loop.time()
                 if left <= 0:
-                    return  # the server closes with 4002 at expiry; the reconnect gets a fresh token
+                    return None
                 await asyncio.sleep(min(self._backoff(attempt), left))
-                continue
-            self.token = token
-            self.renewals += 1
-            self._schedule_renewal(conn, result)
-            return
+        return None
 
     # ------------------------------------------------------------------------------ subscriptions
 
@@ -1003,33 +1033,30 @@ class Client:
 
     async def _renew_grant(self, conn: _Conn, sub: Subscription, ttl: float) -> None:
         """Renew a subscription's grant in-band (``refresh``) before it expires."""
-        assert sub.get_token is not None
-        loop = asyncio.get_running_loop()
-        expiry = loop.time() + ttl
-        await asyncio.sleep(max(0.0, renew_delay(ttl)))
-        attempt = 0
-        while conn.alive and sub.active and self.subscriptions.get(sub.channel) is sub:
-            try:
-                token = await _fetch_token(sub.get_token, sub.channel)
-                result = await self._call(conn, "refresh", {"channel": sub.channel, "token": token})
-            except ConnectionLost:
-                return
-            except TidingsError as exc:
-                if exc.code in (ErrorCode.NOT_SUBSCRIBED, ErrorCode.UNKNOWN_OP):
-                    return  # ended meanwhile / an older server: the grant's end re-subscribes
-                self._error(exc)
-                attempt += 1
-                left = expiry - loop.time()
-                if left <= 0:
-                    return  # the server ends it with an ``unsubscribe`` push; we subscribe again
-                await asyncio.sleep(min(self._backoff(attempt), left))
-                continue
-            self.renewals += 1
-            ttl2 = self._ttl(result)
-            sub.expires_in = ttl2
-            if ttl2 is not None:
-                sub._renewal = conn.spawn(self._renew_grant(conn, sub, ttl2))
+        get_token = sub.get_token
+        assert get_token is not None
+
+        async def renew() -> dict[str, Any]:
+            token = await _fetch_token(get_token, sub.channel)
+            return await self._call(conn, "refresh", {"channel": sub.channel, "token": token})
+
+        # not_subscribed: ended meanwhile; unknown_op: an older server; running out of time: the server
+        # ends it with an ``unsubscribe`` push and the client subscribes again.
+        result = await self._renew_in_band(
+            conn,
+            ttl,
+            renew,
+            lambda: sub.active and self.subscriptions.get(sub.channel) is sub,
+            quiet=(ErrorCode.NOT_SUBSCRIBED, ErrorCode.UNKNOWN_OP),
+            final=(),
+        )
+        if result is None:
             return
+        self.renewals += 1
+        ttl2 = self._ttl(result)
+        sub.expires_in = ttl2
+        if ttl2 is not None:
+            sub._renewal = conn.spawn(self._renew_grant(conn, sub, ttl2))
 
     def _deliver(self, sub: Subscription, pub: Publication) -> None:
         """Exactly once, in offset order; older or repeated offsets are dropped."""

@@ -257,16 +257,14 @@ async def presence_api(request: web.Request) -> web.Response:
     ns = node.policy.authorize(identity, channel, "presence")
     if not ns.presence:
         raise ApiError(ErrorCode.NOT_AVAILABLE, f"presence is off in namespace {ns.name!r}")
-    clients = await node.presence.clients(channel)
-    return json_response({"clients": clients, "count": len(clients)})
+    found = await node.presence.read(channel)
+    return json_response({"clients": found.clients, "count": found.count})
 
 
 async def channels(request: web.Request) -> web.Response:
     _check_key(request, "read")
-    hub = _node(request).hub
-    return json_response(
-        {"channels": [{"channel": ch, "subscribers": n} for ch, n in sorted(hub.channels().items())]}
-    )
+    found = await _node(request).presence.channels()  # over every node that shares the presence
+    return json_response({"channels": [{"channel": ch, "subscribers": n} for ch, n in found.items()]})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -365,8 +365,8 @@ class WsConnection(WsProtocol):
         ns = self.session.authorize(cmd.channel, "presence", cmd.id)
         if not ns.presence:
             raise ProtocolError(ErrorCode.NOT_AVAILABLE, f"presence is off in namespace {ns.name!r}", cmd.id)
-        clients = await self.node.presence.clients(cmd.channel)
-        self._send(encode_ok(cmd.id, {"clients": clients, "count": len(clients)}))
+        found = await self.node.presence.read(cmd.channel)
+        self._send(encode_ok(cmd.id, {"clients": found.clients, "count": found.count}))
 
 
 def _lifetime(expires: float) -> dict[str, Any]:

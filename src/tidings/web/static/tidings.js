@@ -408,6 +408,7 @@
         reason: reason || "",
         reconnect: !NO_RECONNECT.has(code)
       };
+      if (info.code === 4002 && typeof this.options.getToken !== "function") info.reconnect = false;
       this._lastDisconnect = null;
       if (this._connectedAt && Date.now() - this._connectedAt > 5e3) this._attempt = 0;
       this._connectedAt = 0;
