@@ -7,86 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import redis
 
-from .conftest import API_KEY, Probe, ProbeFactory, ServerFactory, bound_socket
+from tidings.client import Client
+from tidings.protocol import new_publication_id
+
+from .conftest import API_KEY, Probe, ProbeFactory, ServerFactory
+from .ledger import Delivered, Flagged, Ledger, collect, gap_recorder, publisher, until
 from .redis_servers import RedisServer
+from .serve_process import Node
+
+__all__ = ["Node"]  # re-exported: other tests import Node from here
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def free_port() -> int:
-    with bound_socket() as s:
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Node:
-    """One ``tidings serve`` process on a free loopback port. ``settings``: more options, passed as
-    ``TIDINGS_<NAME>`` variables (``presence_ttl="2"``)."""
-
-    def __init__(self, tmp: Path, broker: str, name: str, **settings: str) -> None:
-        self.port = free_port()
-        env = {**os.environ, "TIDINGS_API_KEYS": API_KEY, "TIDINGS_REDIS_CHECK_INTERVAL": "0.5"}
-        env.update({f"TIDINGS_{k.upper()}": v for k, v in settings.items()})
-        self.log = (tmp / f"{name}.log").open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tidings",
-                "serve",
-                "--port",
-                str(self.port),
-                "--broker",
-                broker,
-                "--data-dir",
-                str(tmp / name),
-            ],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def ready(self, session: aiohttp.ClientSession, timeout: float = 15.0) -> None:
-        async with asyncio.timeout(timeout):
-            while True:
-                assert self.proc.poll() is None, f"node exited with {self.proc.returncode}"
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{self.http}/healthz") as r:
-                        if r.status == 200:
-                            return
-                await asyncio.sleep(0.05)
-
-    def kill9(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
 
 
 @pytest.fixture
@@ -217,3 +159,223 @@ async def test_redis_down_answers_503_in_bounded_time_and_a_lost_stream_is_flagg
             "subscribe", channel="pub:down", since={"offset": seen["offset"], "epoch": seen["epoch"]}
         )
         assert r2["recovered"] is False and r2["epoch"] != seen["epoch"]
+
+
+# ------------------------------------------------------------------------ one lost Pub/Sub message
+
+
+def lose_one_publication(url: str, channel: str, data: Any, prefix: str = "tidings") -> int:
+    """What ``_PUBLISH`` does for a publication, by hand on the real Redis, but without its PUBLISH: the
+    offset increment and the XADD with the script's field layout (``d`` data, ``i`` info, ``id``, ``t``
+    Redis time in ms). The stream has it; no node hears of it live. Returns its offset."""
+    r = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        meta, stream = f"{prefix}:{{{channel}}}:m", f"{prefix}:{{{channel}}}:s"
+        assert r.hget(meta, "e") is not None, "publish once normally first: the channel has its epoch"
+        secs, micros = r.time()
+        ms = secs * 1000 + micros // 1000
+        top = int(r.hincrby(meta, "t", 1))
+        r.xadd(
+            stream, {"d": orjson.dumps(data), "i": b"", "id": new_publication_id(), "t": ms}, id=f"{top}-1"
+        )
+        return top
+    finally:
+        r.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_lost_pubsub_message_is_repaired_before_the_next_one(
+    start_server: ServerFactory, probe: ProbeFactory, redis_url: str
+) -> None:
+    """Exactly one publication reaches the stream but not Pub/Sub; the next normal publish arrives with an
+    offset one too far, and the node reads the missing one from the stream first: in order, no
+    duplicate. The position check is set to 60 s, so it is not what repairs it here."""
+    srv = await start_server(broker=redis_url, redis_check_interval=60.0)
+    sub = await probe(srv)
+    await sub.ok("subscribe", channel="pub:lost")
+    async with aiohttp.ClientSession() as s:
+        assert (await http_publish(s, srv.http, "pub:lost", "one"))[0] == 200
+        assert [m["data"] for m in await sub.messages(1)] == ["one"]
+        lost = await asyncio.to_thread(lose_one_publication, redis_url, "pub:lost", "lost")
+        assert lost == 2
+        # nothing tells the node yet (no Pub/Sub message, no position check within the test)
+        with contextlib.suppress(TimeoutError):
+            early = await sub.push(timeout=0.5)
+            raise AssertionError(f"delivered before anything could have told the node: {early}")
+        status, body = await http_publish(s, srv.http, "pub:lost", "three")
+        assert status == 200 and body["offset"] == 3
+        got = await sub.messages(2)
+    assert [(m["offset"], m["data"]) for m in got] == [(2, "lost"), (3, "three")]
+    with contextlib.suppress(TimeoutError):
+        extra = await sub.push(timeout=1.0)
+        raise AssertionError(f"a push after the repair (a duplicate?): {extra}")
+
+
+@pytest.mark.timeout(30)
+async def test_a_lost_pubsub_message_with_nothing_after_it_is_found_by_the_position_check(
+    start_server: ServerFactory, probe: ProbeFactory, redis_url: str
+) -> None:
+    """No later publish comes: the periodic position check (``redis_check_interval`` 0.3 s) sees the
+    stream's top ahead of what the node delivered and repairs it within a bounded time."""
+    interval = 0.3
+    srv = await start_server(broker=redis_url, redis_check_interval=interval)
+    sub = await probe(srv)
+    await sub.ok("subscribe", channel="pub:lost-quiet")
+    async with aiohttp.ClientSession() as s:
+        assert (await http_publish(s, srv.http, "pub:lost-quiet", "one"))[0] == 200
+        assert [m["data"] for m in await sub.messages(1)] == ["one"]
+        t0 = time.monotonic()
+        await asyncio.to_thread(lose_one_publication, redis_url, "pub:lost-quiet", "lost")
+        got = await sub.messages(1, timeout=5 * interval + 2)
+        took = time.monotonic() - t0
+    print(f"repaired by the position check after {took:.2f} s (interval {interval} s)")
+    assert [(m["offset"], m["data"]) for m in got] == [(2, "lost")]
+    assert took < 2 * interval + 1.0, took
+    with contextlib.suppress(TimeoutError):
+        extra = await sub.push(timeout=1.0)
+        raise AssertionError(f"a push after the repair (a duplicate?): {extra}")
+
+
+# --------------------------------------------------------------- Redis restarted with its AOF, under load
+
+AOF_CHANNELS = ["pub:aof-0", "pub:aof-1"]
+
+
+CRASH_LOSES = 20  # publish transactions cut from the AOF's tail for the "crash" case (~0.25 s of them)
+
+
+def drop_aof_tail(dir: Path, n: int) -> int:
+    """What a machine crash does to an ``everysec`` AOF: the last writes never reached the disk. Cut the
+    incremental AOF (Redis 7's multi-part AOF) before its ``n``-th last MULTI: each publish script is
+    one MULTI/EXEC there (its effects), so exactly the last ``n`` publications are gone. Returns the
+    bytes cut."""
+    (incr,) = (dir / "appendonlydir").glob("*.incr.aof")
+    data = incr.read_bytes()
+    marker = b"*1\r\n$5\r\nMULTI\r\n"
+    starts = [i for i in range(len(data)) if data.startswith(marker, i)]
+    assert len(starts) > n, f"only {len(starts)} transactions in {incr}"
+    cut = starts[-n]
+    incr.write_bytes(data[:cut])
+    return len(data) - cut
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("fsync", "signame"),
+    [
+        ("always", "SIGTERM"),
+        ("always", "SIGKILL"),
+        ("everysec", "SIGTERM"),
+        ("everysec", "SIGKILL"),
+        ("everysec", "crash"),
+    ],
+)
+async def test_redis_restarted_with_its_aof_under_load(
+    tmp_path: Path, make_redis_server: Callable[..., RedisServer], fsync: str, signame: str
+) -> None:
+    """Publishes flow over HTTP into nodes A and B (real ``tidings serve`` processes) at 40/s each; a
+    Python client on each node is subscribed to both channels. Redis (AOF, ``appendfsync`` ``fsync``) is
+    stopped with ``signame`` mid-stream and started again on its port with its AOF. Publishing resumes
+    within seconds (measured); each subscriber gets every acknowledged publication, or is told (a
+    ``gap``: new epoch / ``recovered: false``): lost = 0, no duplicate, in order.
+
+    ``always``: Redis fsyncs before it answers, so nothing acknowledged can be missing after the restart;
+    the nodes see ``appendfsync always`` (CONFIG GET) and each channel keeps its epoch: everything is
+    delivered, nothing flagged. ``everysec``: a SIGTERM flushes and fsyncs the AOF, and after a SIGKILL of
+    the process what Redis wrote is in the kernel's page cache, but a crash of the machine loses up to a
+    second, and nobody can tell which happened: each channel goes on in a new epoch at its first publish
+    after the restart (its in-memory marker is gone), and its subscribers are told (flagged > 0, lost 0).
+    ``crash`` is that machine crash: SIGKILL, then the AOF's last CRASH_LOSES publications cut off before
+    the restart, so Redis comes back behind what it acknowledged: lost 0 all the same, and never a
+    different publication at an offset a subscriber already holds (the ledger checks that)."""
+    srv = make_redis_server(persistence="aof", args=["--appendfsync", fsync])
+    assert srv.client().config_get("appendfsync") == {"appendfsync": fsync}
+    env = {"TIDINGS_REDIS_TIMEOUT": "2"}
+    a, b = (Node(tmp_path, srv.url, n, check_interval=0.3, env=env) for n in ("a", "b"))
+    clients = [Client(n.ws_url, min_backoff=0.1, max_backoff=0.5) for n in (a, b)]
+    delivered: list[Delivered] = [{} for _ in clients]
+    flagged: list[Flagged] = [[] for _ in clients]
+    tasks: list[asyncio.Task[Any]] = []
+    ledger = Ledger()
+    stop = asyncio.Event()
+    try:
+        await a.ready()
+        await b.ready()
+        for i, c in enumerate(clients):
+            c.on("gap", gap_recorder(flagged[i]))
+            await c.connect(timeout=10)
+            for ch in AOF_CHANNELS:
+                tasks.append(asyncio.create_task(collect(await c.subscribe(ch), delivered[i])))
+        async with aiohttp.ClientSession() as s:
+            pubs = [asyncio.create_task(publisher(s, n.http, ledger, stop, AOF_CHANNELS, 40)) for n in (a, b)]
+            count = lambda: sum(len(v) for v in delivered[0].values())  # noqa: E731
+            await until(lambda: count() >= 60, 20, "deliveries before Redis stops")
+            before = ledger.total
+            t_down = time.monotonic()
+            await asyncio.to_thread(srv.stop if signame == "SIGTERM" else srv.kill)
+            if signame == "crash":
+                cut = drop_aof_tail(srv.dir, CRASH_LOSES)
+            await until(
+                lambda: sum(1 for t, st, _ in ledger.attempts if t > t_down and st == 503) >= 80,
+                20,
+                "publishes answered 503 while Redis is down",
+            )
+            # ~1 s down: the nodes' Pub/Sub reconnect backoff has grown to ~0.4-0.8 s by now
+            await srv.astart()
+            t_up = time.monotonic()
+            pchan = f"tidings:{{{AOF_CHANNELS[0]}}}:p"
+
+            async def pubsub_back() -> float:
+                while (await asyncio.to_thread(srv.command, "PUBSUB", "NUMSUB", pchan))[1] < 2:
+                    await asyncio.sleep(0.01)
+                return time.monotonic()
+
+            watcher = asyncio.create_task(pubsub_back())
+            await until(
+                lambda: any(t > t_up and st == 200 for t, st, _ in ledger.attempts), 20, "publishing resumed"
+            )
+            first_fail = min(t for t, st, _ in ledger.attempts if t > t_down and st != 200)
+            resumed = min(t for t, st, _ in ledger.attempts if t > first_fail and st == 200)
+            n_back = ledger.total
+            await until(lambda: ledger.total >= n_back + 40, 20, "publishes after the restart")
+            stop.set()
+            await asyncio.gather(*pubs)
+            t_pubsub = await asyncio.wait_for(watcher, 10)
+        # acknowledged before both nodes' Pub/Sub subscription was back: only a read of the stream (a
+        # repair, or the recovery verdict) can bring these to the subscribers or flag them
+        behind = sum(1 for t, st, _ in ledger.attempts if resumed <= t < t_pubsub and st == 200)
+        assert behind > 0, "the nodes' Pub/Sub was back before publishing resumed: no repair exercised"
+        down = [(st, took) for t, st, took in ledger.attempts if first_fail <= t < resumed]
+        assert down and all(st != 200 for st, _ in down)
+        assert all(st == 503 and took < 5.0 for st, took in down), down  # unavailable, in bounded time
+        # whatever was acknowledged: every subscriber got it or was told
+        pairs = list(zip(delivered, flagged, strict=True))
+        try:
+            await until(lambda: all(ledger.report(d, f)["lost"] == 0 for d, f in pairs), 20, "lost = 0")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {[ledger.report(d, f) for d, f in pairs]}") from None
+    finally:
+        stop.set()
+        for c in clients:
+            await c.close()
+        for t in tasks:
+            t.cancel()
+        for n in (a, b):
+            n.stop()
+    print(
+        f"\nappendfsync {fsync}, {signame}: acknowledged {ledger.total} ({before} before the stop), "
+        f"{len(down)} answered 503 while down (slowest {max(took for _, took in down):.2f} s), "
+        f"publishing resumed {resumed - t_up:.2f} s after Redis answered PING again "
+        f"({resumed - first_fail:.2f} s after the first 503); {behind} acknowledged before the "
+        f"nodes' Pub/Sub was back ({t_pubsub - t_up:.2f} s after PING)"
+        + (f"; AOF tail cut: {CRASH_LOSES} publications, {cut} bytes" if signame == "crash" else "")
+    )
+    for i, (d, f) in enumerate(pairs):
+        counts = ledger.report(d, f)
+        print(f"  subscriber on node {'ab'[i]}: {counts}")
+        assert counts["lost"] == 0 and counts["duplicates"] == 0, counts
+        assert counts["acknowledged"] == ledger.total
+        if fsync == "everysec":  # a new epoch after the restart: told, not silently skipped
+            assert counts["flagged"] > 0, counts
+        else:  # nothing acknowledged can be missing from Redis: nothing to flag
+            assert counts["flagged"] == 0 and counts["delivered"] == ledger.total, counts

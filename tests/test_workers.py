@@ -29,6 +29,8 @@ from tidings.config import ConfigError, cpu_count, load_settings, parse_workers
 from tidings.protocol import Publication
 from tidings.workers import Supervisor, reserve_port, restart_delay
 
+from .serve_process import Deployment, wait_for
+
 PY = sys.executable
 FAKE = str(Path(__file__).with_name("fake_worker.py"))
 REFUSAL = (
@@ -44,14 +46,6 @@ def gone(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return True
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.02)
 
 
 def serve(
@@ -398,83 +392,6 @@ def test_workers_exit_when_the_supervisor_is_killed(
 
 
 # ---------------------------------------------------------------------------------------------- with Redis
-
-
-@dataclass
-class Deployment:
-    """``tidings serve --workers N`` in a subprocess, on a port it chose itself (--port 0)."""
-
-    tmp: Path
-    broker: str
-    count: int = 2
-    proc: subprocess.Popen[bytes] | None = None
-    port: int = 0
-    pids: list[int] = field(default_factory=list)
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def log(self) -> Path:
-        return self.tmp / "serve.log"
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    PY,
-                    "-m",
-                    "tidings",
-                    "serve",
-                    "--workers",
-                    str(self.count),
-                    "--port",
-                    "0",
-                    "--broker",
-                    self.broker,
-                    "--data-dir",
-                    str(self.tmp / "data"),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        pattern = re.compile(r"(\d+) workers \(pids ([\d ]+)\) listening on http://127\.0\.0\.1:(\d+)")
-
-        def ready() -> re.Match[str] | None:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tidings serve exited {self.proc.returncode}:\n{self.text()}")
-            return pattern.search(self.text())
-
-        wait_for(ready, 30, "the workers did not start")
-        m = ready()
-        assert m is not None
-        self.port = int(m[3])
-        self.pids = [int(p) for p in m[2].split()]
-
-    def api_key(self) -> str:
-        return (self.tmp / "data" / "api-key").read_text().strip()
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                return self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
 
 
 @pytest.fixture

@@ -7,7 +7,9 @@ Per channel ``C`` (every key carries the hash tag ``{C}``, so a channel's keys s
 - ``{prefix}:{C}:s`` — stream of the retained publications, entry id ``<offset>-1``, fields ``d`` (data),
   ``i`` (info), ``id``, ``t`` (Redis time in ms);
 - ``{prefix}:{C}:k:<key>`` — an idempotency key (expires after the window);
-- ``{prefix}:{C}:p`` — the Pub/Sub channel of its live publications and join/leave events.
+- ``{prefix}:{C}:p`` — the Pub/Sub channel of its live publications and join/leave events;
+- ``{prefix}:{C}:b`` — a marker written with replication off (in no AOF, on no replica): missing after
+  Redis restarted or failed over, when the channel goes on in a new epoch unless Redis fsyncs every write.
 
 A publish is one Lua script (``_PUBLISH``): idempotency check, offset increment, XADD with MAXLEN, TTLs
 and PUBLISH of the encoded publication, so offsets are gapless across every node and a publish is
@@ -75,11 +77,17 @@ __all__ = ["RedisBroker", "RedisTarget"]
 
 log = logging.getLogger("tidings.redis")
 
-# KEYS: meta, stream, idempotency key (meta again when there is none), the shared epoch0
+# KEYS: meta, stream, idempotency key (meta again when there is none), the shared epoch0, the channel's
+#       in-memory marker
 # ARGV: data, info ('' = none), id, size, ttl ms, meta ttl ms, a fresh epoch (epoch0 when it is gone),
-#       key? ('1'/''), key window ms, pubsub channel, epoch0 ttl ms
+#       key? ('1'/''), key window ms, pubsub channel, epoch0 ttl ms, durable? ('1' = appendfsync always)
 # A new stream starts in epoch0, the epoch every node reads a never-published channel in; when Redis lost
 # epoch0 (restarted empty), a fresh one is made here, so a recreated stream never reuses an old epoch.
+# The marker is written with replication off, so it is in no AOF and on no replica: a channel that has
+# its meta but no marker is in a Redis that restarted (or was failed over to) since its last publish,
+# which may have come back behind what it acknowledged (AOF everysec after a machine crash, RDB, an
+# asynchronous replica). Unless Redis fsyncs every write, such a channel goes on in a fresh epoch, so no
+# offset is ever reused within an epoch and every client positioned in the old one is told.
 _PUBLISH = """
 if ARGV[8] == '1' then
   local hit = redis.call('GET', KEYS[3])
@@ -93,7 +101,13 @@ if not epoch then
     redis.call('SET', KEYS[4], epoch, 'PX', ARGV[11])
   end
   redis.call('HSET', KEYS[1], 'e', epoch)
+elseif ARGV[12] ~= '1' and redis.call('EXISTS', KEYS[5]) == 0 then
+  epoch = ARGV[7]
+  redis.call('HSET', KEYS[1], 'e', epoch)
 end
+redis.set_repl(redis.REPL_NONE)
+redis.call('SET', KEYS[5], '1', 'PX', ARGV[6])
+redis.set_repl(redis.REPL_ALL)
 local top = redis.call('HINCRBY', KEYS[1], 't', 1)
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -287,6 +301,7 @@ class RedisBroker:
         self._sha_publish = ""
         self._sha_read = ""
         self._epoch0 = secrets.token_hex(4)
+        self._durable = False  # Redis fsyncs its AOF before it answers (appendfsync always)
         self._handler: BrokerHandler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: list[tuple[list[PublishRequest], PublishDone]] = []
@@ -369,6 +384,7 @@ class RedisBroker:
                 await self._client.ping()
                 await self._load_scripts()
                 await self._refresh_epoch0()
+                await self._refresh_durable()
         except (RedisError, OSError, TimeoutError) as exc:
             await self._close_clients()
             why = str(exc) or f"no answer within redis_timeout ({self.timeout:g} s)"
@@ -425,6 +441,17 @@ class RedisBroker:
         if value:
             self._epoch0 = _text(value)
 
+    async def _refresh_durable(self) -> None:
+        """Whether Redis keeps every write it acknowledged across a restart (AOF, appendfsync always):
+        then a restarted Redis keeps each channel's epoch. Unknown (CONFIG refused): assume not."""
+        try:
+            cfg = await self._client.config_get("append*")
+        except RedisError:
+            self._durable = False
+            return
+        values = {_text(k or ""): _text(v or "") for k, v in cfg.items()}
+        self._durable = values.get("appendonly") == "yes" and values.get("appendfsync") == "always"
+
     # ------------------------------------------------------------------------------ publish
 
     def publish_many(self, reqs: list[PublishRequest], done: PublishDone) -> None:
@@ -470,35 +497,45 @@ class RedisBroker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(back.wait(), delay)
 
+    def _epoch0_for(self, channel: str) -> str:
+        """The key of the epoch a never-published ``channel`` is in (one per slot on Redis Cluster)."""
+        return self._epoch0_key
+
+    def _publish_durable(self) -> bool:
+        """Whether Redis keeps every acknowledged write across its own restart (the script's ARGV[12])."""
+        return self._durable
+
+    def _publish_argv(self, r: PublishRequest, pid: str) -> tuple[Any, ...]:
+        """numkeys, KEYS and ARGV of ``_PUBLISH`` for one request: its one calling convention."""
+        meta = self._key(r.channel, "m")
+        ttl_ms = max(1, int(r.opts.ttl * 1000))
+        return (
+            5,
+            meta,
+            self._key(r.channel, "s"),
+            self._key(r.channel, f"k:{r.key}") if r.key else meta,
+            self._epoch0_for(r.channel),
+            self._key(r.channel, "b"),
+            r.raw,
+            r.raw_info or b"",
+            pid,
+            r.opts.size,
+            ttl_ms,
+            ttl_ms + META_EXTRA_MS,
+            secrets.token_hex(4),
+            "1" if r.key else "",
+            max(1, int(self.idempotency.window * 1000)),
+            self._key(r.channel, "p"),
+            EPOCH0_TTL_MS,
+            "1" if self._publish_durable() else "",
+        )
+
     async def _run_publish(self, reqs: list[PublishRequest]) -> PublishResult:
         ids = [new_publication_id() for _ in reqs]
         for attempt in (0, 1):
             pipe = self._client.pipeline(transaction=False)
             for r, pid in zip(reqs, ids, strict=True):
-                meta = self._key(r.channel, "m")
-                keys = [
-                    meta,
-                    self._key(r.channel, "s"),
-                    self._key(r.channel, f"k:{r.key}") if r.key else meta,
-                    self._epoch0_key,
-                ]
-                ttl_ms = max(1, int(r.opts.ttl * 1000))
-                pipe.evalsha(
-                    self._sha_publish,
-                    4,
-                    *keys,
-                    r.raw,
-                    r.raw_info or b"",
-                    pid,
-                    r.opts.size,
-                    ttl_ms,
-                    ttl_ms + META_EXTRA_MS,
-                    secrets.token_hex(4),
-                    "1" if r.key else "",
-                    max(1, int(self.idempotency.window * 1000)),
-                    self._key(r.channel, "p"),
-                    EPOCH0_TTL_MS,
-                )
+                pipe.evalsha(self._sha_publish, *self._publish_argv(r, pid))
             if self.wait_replicas:
                 # Same connection, after the writes: acknowledged only once N replicas have them.
                 pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
@@ -882,11 +919,14 @@ class RedisBroker:
         (a lost Pub/Sub message with nothing after it) is repaired, one in a new epoch is lost."""
         while True:
             await asyncio.sleep(self.check_interval)
-            # (each channel's position as it was before the read: live messages may move it meanwhile)
-            live = [(ch, c, c.top, c.epoch) for ch, c in self._chans.items() if c.state == "live"]
             try:
                 async with asyncio.timeout(self.timeout):
                     await self._refresh_epoch0()
+                    await self._refresh_durable()
+                    # Each channel's position as it is now, before the read: Redis's top can only be at
+                    # or past it. (Compared with chan.top after the read, a live delivery that came in
+                    # meanwhile would look like a stream that went back.)
+                    live = [(ch, c, c.epoch, c.top) for ch, c in self._chans.items() if c.state == "live"]
                     if not live:
                         continue
                     pipe = self._client.pipeline(transaction=False)
@@ -896,14 +936,14 @@ class RedisBroker:
             except (RedisError, OSError, TimeoutError) as exc:
                 log.info("position check skipped: %s", exc)
                 continue
-            for (ch, chan, was_top, was_epoch), (epoch, top) in zip(live, tops, strict=True):
+            for (ch, chan, was_epoch, was_top), (epoch, top) in zip(live, tops, strict=True):
                 if self._chans.get(ch) is not chan or chan.state != "live" or chan.epoch != was_epoch:
                     continue
                 if epoch is None:
-                    if chan.top > 0:
+                    if was_top > 0:
                         self._lose(ch, chan, "the channel's stream is gone")
-                elif epoch.decode() != chan.epoch:
-                    if chan.top > 0:
+                elif epoch.decode() != was_epoch:
+                    if was_top > 0:
                         self._lose(ch, chan, "the channel's stream was lost (new epoch)")
                     else:
                         chan.epoch = epoch.decode()

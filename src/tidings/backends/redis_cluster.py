@@ -47,7 +47,6 @@ from .redis import (
     _PUBLISH,
     _READ,
     EPOCH0_TTL_MS,
-    META_EXTRA_MS,
     RedisBroker,
     RedisTarget,
     _answer,
@@ -279,29 +278,13 @@ class RedisClusterBroker(RedisBroker):
                 else:
                     _answer(done, [r for r in mine if not isinstance(r, BrokerError)])
 
-    def _publish_args(self, r: PublishRequest, pid: str) -> tuple[Any, ...]:
-        meta = self._key(r.channel, "m")
-        ttl_ms = max(1, int(r.opts.ttl * 1000))
-        return (
-            "EVALSHA",
-            self._sha_publish,
-            4,
-            meta,
-            self._key(r.channel, "s"),
-            self._key(r.channel, f"k:{r.key}") if r.key else meta,
-            self._epoch0_of(r.channel),
-            r.raw,
-            r.raw_info or b"",
-            pid,
-            r.opts.size,
-            ttl_ms,
-            ttl_ms + META_EXTRA_MS,
-            secrets.token_hex(4),
-            "1" if r.key else "",
-            max(1, int(self.idempotency.window * 1000)),
-            self._key(r.channel, "p"),
-            EPOCH0_TTL_MS,
-        )
+    def _epoch0_for(self, channel: str) -> str:
+        return self._epoch0_of(channel)
+
+    def _publish_durable(self) -> bool:
+        # A master's replica may lack the last writes (replication is asynchronous), so after a failover
+        # or a restart every channel of that master goes on in a new epoch: clients are told.
+        return False
 
     async def _run_cluster_publish(
         self, reqs: list[PublishRequest]
@@ -314,7 +297,10 @@ class RedisClusterBroker(RedisBroker):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout * 0.8
         ids = [new_publication_id() for _ in reqs]
-        args = [self._publish_args(r, pid) for r, pid in zip(reqs, ids, strict=True)]
+        args = [
+            ("EVALSHA", self._sha_publish, *self._publish_argv(r, pid))
+            for r, pid in zip(reqs, ids, strict=True)
+        ]
         out: list[Any] = [None] * len(reqs)
         todo = list(range(len(reqs)))
         asking: dict[int, Any] = {}  # request -> the node an ASK redirected it to
