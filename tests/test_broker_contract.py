@@ -256,7 +256,15 @@ async def test_group_is_atomic_and_ordered_over_several_channels(fx: Fixture) ->
             mine = [(p.channel, p.offset) for p in pubs if fx.broker._master_of(p.channel) == where]
             assert [g for g in got if fx.broker._master_of(g[0]) == where] == mine
         return
-    assert got == [(p.channel, p.offset) for p in pubs]
+    want = [(p.channel, p.offset) for p in pubs]
+    if getattr(fx.broker, "is_shared", False):
+        # Each channel in offset order; channels on different Pub/Sub connections (redis_pubsub_shards)
+        # may interleave otherwise than they were published (docs/scaling.md).
+        assert sorted(got) == sorted(want)
+        for ch in ("g:a", "g:b", "g:c"):
+            assert [x for x in got if x[0] == ch] == [x for x in want if x[0] == ch]
+    else:
+        assert got == want
 
 
 # ---------------------------------------------------------------------------------------- epochs

@@ -39,6 +39,9 @@ def broker_options(settings: Settings) -> BrokerOptions:
         redis_timeout=settings.redis_timeout,
         redis_check_interval=settings.redis_check_interval,
         redis_pool_size=settings.redis_pool_size,
+        redis_wait_replicas=settings.redis_wait_replicas,
+        redis_wait_timeout=settings.redis_wait_timeout,
+        redis_pubsub_shards=settings.redis_pubsub_shards,
     )
 
 

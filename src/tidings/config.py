@@ -109,7 +109,10 @@ class Settings:
     redis_prefix: str = "tidings"  # the Redis broker's keys start with this
     redis_timeout: float = 5.0  # seconds a Redis call may take before it answers unavailable
     redis_check_interval: float = 2.0  # seconds between the Redis broker's position checks
-    redis_pool_size: int = 32  # Redis connections per process
+    redis_pool_size: int = 32  # Redis connections per process (the Pub/Sub ones included)
+    redis_wait_replicas: int = 0  # a publish is acknowledged once this many replicas have it (0: off)
+    redis_wait_timeout: float = 1.0  # seconds WAIT may take for them (below redis_timeout)
+    redis_pubsub_shards: int = 4  # Pub/Sub connections per process; a channel's is crc32(name) % this
     presence_ttl: float = 30.0  # seconds a node's presence outlives its last refresh (shared presence)
     presence_limit: int = 1000  # clients listed in one presence answer (its count is all of them)
     max_fragments: int = 1024  # frames of one incoming WebSocket message
@@ -178,6 +181,9 @@ _SCALARS: dict[str, type] = {
     "redis_timeout": float,
     "redis_check_interval": float,
     "redis_pool_size": int,
+    "redis_wait_replicas": int,
+    "redis_wait_timeout": float,
+    "redis_pubsub_shards": int,
     "presence_ttl": float,
     "presence_limit": int,
     "max_fragments": int,

@@ -1,5 +1,5 @@
-"""Backends, chosen by the scheme of a URL: ``memory://``, ``sqlite:///path``, ``redis://``,
-``redis+cluster://``.
+"""Backends, chosen by the scheme of a URL: ``memory://``, ``sqlite:///path``, ``redis://``, ``rediss://``,
+``redis+sentinel://``, ``redis+cluster://``.
 
 A new broker registers a factory for its scheme with :func:`register_broker`; :func:`broker_from_url`
 refuses an unknown scheme with a :class:`BrokerURLError` that names the known ones.
@@ -10,11 +10,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import SplitResult, unquote, urlsplit
+from typing import TYPE_CHECKING
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from .base import Broker, BrokerError, HistoryOptions, HistoryResult, IdempotencyOptions, PresenceStore
 from .memory import MemoryBroker
 from .sqlite import SqliteBroker
+
+if TYPE_CHECKING:
+    from .redis import RedisTarget
 
 __all__ = [
     "BROKERS",
@@ -51,7 +55,9 @@ class BrokerOptions:
     redis_timeout: float = 5.0
     redis_check_interval: float = 2.0
     redis_pool_size: int = 32
-    redis_wait_replicas: int = 0  # publish acknowledged once this many replicas have it (WAIT)
+    redis_wait_replicas: int = 0  # WAIT for this many replicas before a publish is acknowledged (0: off)
+    redis_wait_timeout: float = 1.0  # seconds the WAIT may take (below redis_timeout)
+    redis_pubsub_shards: int = 4  # Pub/Sub connections per node; a channel's is crc32(name) % shards
 
 
 BrokerFactory = Callable[[SplitResult, BrokerOptions], Broker]
@@ -83,7 +89,7 @@ def _sqlite(url: SplitResult, opts: BrokerOptions) -> Broker:
 
 
 def _redis(url: SplitResult, opts: BrokerOptions) -> Broker:
-    from .redis import RedisBroker, RedisTarget
+    from .redis import RedisTarget
 
     if not opts.redis_prefix or any(c in opts.redis_prefix for c in "{}"):
         raise BrokerURLError("redis_prefix must be non-empty and hold no '{' or '}'")
@@ -95,6 +101,8 @@ def _redis(url: SplitResult, opts: BrokerOptions) -> Broker:
     path = url.path.strip("/")
     if path and not path.isdigit():
         raise BrokerURLError("a redis URL's path is the database number: redis://host:6379/0")
+    if url.query:
+        raise BrokerURLError("a redis URL takes no query: redis://[user:password@]host:port[/db]")
     target = RedisTarget(
         host=url.hostname or "127.0.0.1",
         port=port,
@@ -103,6 +111,13 @@ def _redis(url: SplitResult, opts: BrokerOptions) -> Broker:
         password=unquote(url.password) if url.password else None,
         tls=url.scheme.lower() == "rediss",
     )
+    return _redis_broker(target, opts)
+
+
+def _redis_broker(target: RedisTarget, opts: BrokerOptions) -> Broker:
+    from .redis import RedisBroker
+
+    _check_redis_options(opts)
     return RedisBroker(
         target,
         prefix=opts.redis_prefix,
@@ -110,7 +125,85 @@ def _redis(url: SplitResult, opts: BrokerOptions) -> Broker:
         check_interval=opts.redis_check_interval,
         pool_size=opts.redis_pool_size,
         idempotency=IdempotencyOptions(opts.idempotency_window, opts.idempotency_max_keys),
+        wait_replicas=opts.redis_wait_replicas,
+        wait_timeout=opts.redis_wait_timeout,
+        pubsub_shards=opts.redis_pubsub_shards,
     )
+
+
+def _check_redis_options(opts: BrokerOptions) -> None:
+    if opts.redis_wait_replicas < 0:
+        raise BrokerURLError("redis_wait_replicas must be 0 (off) or a number of replicas")
+    if opts.redis_wait_replicas and not 0 < opts.redis_wait_timeout < opts.redis_timeout:
+        raise BrokerURLError("redis_wait_timeout must be above 0 and below redis_timeout")
+    if not 1 <= opts.redis_pubsub_shards <= 64:
+        raise BrokerURLError("redis_pubsub_shards must be between 1 and 64")
+    if opts.redis_pool_size < opts.redis_pubsub_shards + 2:
+        raise BrokerURLError("redis_pool_size must exceed redis_pubsub_shards by 2 or more")
+
+
+_SENTINEL_SHAPE = "redis+sentinel://[user:password@]host:port[,host:port...]/master-name[?db=N]"
+_SENTINEL_QUERY = {"db", "sentinel_username", "sentinel_password"}
+
+
+def _host_port(item: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
+    if item.startswith("["):
+        host, sep, rest = item[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(item)
+        port_s = rest[1:]
+    else:
+        host, _, port_s = item.rpartition(":") if ":" in item else (item, "", "")
+    if not host or (port_s and not port_s.isdigit()):
+        raise ValueError(item)
+    port = int(port_s) if port_s else default_port
+    if not 0 < port < 65536:
+        raise ValueError(item)
+    return host, port
+
+
+def _redis_sentinel(url: SplitResult, opts: BrokerOptions) -> Broker:
+    """``redis+sentinel://[user:password@]h:p[,h:p...]/master-name[?db=N]``: the user and password are the
+    master's (and its replicas'), ``?sentinel_username=``/``?sentinel_password=`` the sentinels' (when
+    they require auth); sentinel port default 26379."""
+    from .redis import RedisTarget
+
+    if not opts.redis_prefix or any(c in opts.redis_prefix for c in "{}"):
+        raise BrokerURLError("redis_prefix must be non-empty and hold no '{' or '}'")
+    userinfo, _, hosts = url.netloc.rpartition("@")
+    try:
+        sentinels = tuple(_host_port(h, 26379) for h in hosts.split(","))
+    except ValueError:
+        raise BrokerURLError(f"a Sentinel URL lists the sentinels as host:port: {_SENTINEL_SHAPE}") from None
+    name = unquote(url.path.strip("/"))
+    if not name or "/" in name:
+        raise BrokerURLError(f"a Sentinel URL's path is the master name: {_SENTINEL_SHAPE}")
+    try:
+        query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
+    except ValueError:
+        raise BrokerURLError(f"a Sentinel URL's query is malformed: {_SENTINEL_SHAPE}") from None
+    unknown = set(query) - _SENTINEL_QUERY
+    if unknown or any(len(v) > 1 for v in query.values()):
+        what = ", ".join(sorted(unknown)) or "a repeated option"
+        takes = "?db=N, ?sentinel_username=, ?sentinel_password="
+        raise BrokerURLError(f"a Sentinel URL takes {takes} (not {what})")
+    db = query.get("db", ["0"])[0]
+    if not db.isdigit():
+        raise BrokerURLError(f"a Sentinel URL's db is the database number: {_SENTINEL_SHAPE}")
+    user, _, password = userinfo.partition(":")
+    target = RedisTarget(
+        host=sentinels[0][0],
+        port=sentinels[0][1],
+        db=int(db),
+        username=unquote(user) or None,
+        password=unquote(password) or None,
+        sentinels=sentinels,
+        master_name=name,
+        sentinel_username=query.get("sentinel_username", [""])[0] or None,
+        sentinel_password=query.get("sentinel_password", [""])[0] or None,
+    )
+    return _redis_broker(target, opts)
 
 
 def _redis_cluster(url: SplitResult, opts: BrokerOptions) -> Broker:
@@ -152,6 +245,7 @@ register_broker("memory", _memory)
 register_broker("sqlite", _sqlite)
 register_broker("redis", _redis)
 register_broker("rediss", _redis)
+register_broker("redis+sentinel", _redis_sentinel)
 register_broker("redis+cluster", _redis_cluster)
 register_broker("rediss+cluster", _redis_cluster)
 
@@ -178,7 +272,7 @@ def broker_from_url(url: str, opts: BrokerOptions | None = None) -> Broker:
     return factory(parts, opts or BrokerOptions())
 
 
-_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@|((?:^|[?&])password=)[^&]*", re.I)
+_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@|((?:^|[?&])(?:sentinel_)?password=)[^&]*", re.I)
 
 
 def display_url(url: str) -> str:

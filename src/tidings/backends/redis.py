@@ -1,4 +1,5 @@
-"""redis:// and rediss:// — history and live fan-out shared by every node through one Redis.
+"""redis://, rediss:// and redis+sentinel:// — history and live fan-out shared by every node through one
+Redis (with Sentinel: whichever server the sentinels name as the master, asked on every new connection).
 
 Per channel ``C`` (every key carries the hash tag ``{C}``, so a channel's keys share one slot):
 
@@ -15,12 +16,19 @@ and PUBLISH of the encoded publication, so offsets are gapless across every node
 acknowledged only after Redis ran all of it. Queued groups go to Redis pipelined, one round trip for
 everything waiting, one pipeline in flight (so acknowledgements keep request order).
 
+With ``wait_replicas`` (``redis_wait_replicas``) the group's pipeline ends with ``WAIT N timeout`` on the
+same connection; fewer replicas than N answer the whole group ``unavailable``.
+
 Live delivery: one Pub/Sub subscription per channel per node, held only while the node has local
-subscribers. Pub/Sub is at-most-once, so the node tracks the last offset it delivered per channel and
-repairs from the stream: a message whose offset is not the next one, a Pub/Sub connection that came back,
-or a periodic position check (one pipelined round trip for every local channel) makes it read the missing
-range and deliver it in order before anything newer. When the stream cannot supply it (trimmed, expired,
-or the channel's epoch changed), every local subscriber is told (``BrokerHandler.lost``).
+subscribers, on one of ``pubsub_shards`` connections (``crc32(channel) % shards``), each with its own
+listener and reconnect. Pub/Sub is at-most-once, so the node tracks the last offset it delivered per
+channel and repairs from the stream: a message whose offset is not the next one, a Pub/Sub connection
+that came back, or a periodic position check (one pipelined round trip for every local channel) makes it
+read the missing range and deliver it in order before anything newer. When the stream cannot supply it
+(trimmed, expired, or the channel's epoch changed), every local subscriber is told
+(``BrokerHandler.lost``). When the stream went back under what this node delivered (a failover without
+WAIT), the channel's epoch is retired in Redis first, so clients positioned in it get
+``recovered: false`` on every node.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,9 +58,20 @@ from .redis_presence import RedisPresence
 
 try:
     import redis.asyncio as aioredis
+    from redis.asyncio.sentinel import (
+        Sentinel,
+        SentinelConnectionPool,
+        SentinelManagedConnection,
+        SentinelManagedSSLConnection,
+    )
     from redis.exceptions import NoScriptError, RedisError
 except ImportError:  # pragma: no cover - the extra is not installed
     aioredis = None  # type: ignore[assignment]
+
+
+class WaitError(RedisError if aioredis is not None else Exception):  # type: ignore[misc]
+    """WAIT returned fewer replicas than ``redis_wait_replicas``: the group answers ``unavailable``."""
+
 
 __all__ = ["RedisBroker", "RedisTarget"]
 
@@ -166,6 +186,16 @@ end
 return {m[1], top, first, out}
 """
 
+# KEYS: meta. ARGV: the epoch to retire, its successor. The channel keeps its top offset.
+_RETIRE = """
+local e = redis.call('HGET', KEYS[1], 'e')
+if e == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'e', ARGV[2])
+  return ARGV[2]
+end
+return e
+"""
+
 # How long a channel's meta outlives its last publish beyond the history TTL, and how long the shared
 # epoch of never-published channels lives (shorter, so a channel forgotten after being idle that long
 # starts again in an epoch it never had).
@@ -174,6 +204,7 @@ META_EXTRA_MS = 2 * EPOCH0_TTL_MS
 MAX_BACKLOG = 10_000  # live messages held per channel while it is being repaired
 REPAIR_CHUNK = 1000
 RECENT_IDS = 64
+ACKED_CHANNELS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +217,19 @@ class RedisTarget:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    # Sentinel (redis+sentinel://): where the sentinels are and the master they name; host/port above are
+    # then the first sentinel's. username/password are the master's, sentinel_* the sentinels' own.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str = ""
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+    def describe(self) -> str:
+        """Where Redis is, for an error message (no credentials)."""
+        if self.sentinels:
+            addrs = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"the master {self.master_name!r} of the sentinels at {addrs}"
+        return f"Redis at {self.host}:{self.port}"
 
 
 @dataclass(slots=True)
@@ -193,12 +237,30 @@ class _Chan:
     """This node's view of one channel it has local subscribers for."""
 
     pchan: bytes
+    shard: int = 0  # which Pub/Sub connection holds its subscription
     epoch: str | None = None  # None until the subscription is confirmed and the position read
     top: int = 0  # last offset delivered here
     state: str = "new"  # new -> live; "repair" while the missing range is read
     backlog: list[tuple[int, str, Publication]] = field(default_factory=list)
     recent: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=RECENT_IDS))
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True)
+class _Shard:
+    """One of the node's Pub/Sub connections, with its own listener task and reconnect backoff."""
+
+    index: int
+    pubsub: Any = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    connects: int = 0  # how many times it (re)connected
+
+
+if aioredis is not None:
+
+    class _SentinelBlockingPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+        """The master's connections, found through the sentinels (asked again on every new connection,
+        so a failover moves them), from a pool that waits for a free connection like the standalone one."""
 
 
 class RedisBroker:
@@ -215,6 +277,9 @@ class RedisBroker:
         check_interval: float = 2.0,
         pool_size: int = 32,
         idempotency: IdempotencyOptions | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
+        pubsub_shards: int = 4,
     ) -> None:
         if aioredis is None:
             raise BrokerError("the Redis broker needs redis-py: pip install 'tidings[redis]'")
@@ -225,20 +290,14 @@ class RedisBroker:
         self.timeout = timeout
         self.check_interval = check_interval
         self.idempotency = idempotency or IdempotencyOptions()
-        # Blocking: a burst of calls waits for a free connection (within ``timeout``), never fails.
-        pool = aioredis.BlockingConnectionPool(
-            host=target.host,
-            port=target.port,
-            db=target.db,
-            username=target.username,
-            password=target.password,
-            connection_class=aioredis.SSLConnection if target.tls else aioredis.Connection,
-            socket_timeout=timeout,
-            socket_connect_timeout=min(timeout, 2.0),
-            max_connections=pool_size,
-            timeout=timeout,
-        )
-        self._client = aioredis.Redis(connection_pool=pool)
+        self.pool_size = pool_size
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = max(1, int(wait_timeout * 1000))
+        if wait_replicas and wait_timeout >= timeout:
+            raise ValueError("redis_wait_timeout must be below redis_timeout")
+        self._sentinel: Any = None
+        self._client: Any = self._make_client()
+        self._shards = [_Shard(i) for i in range(max(1, pubsub_shards))]
         self._sha_publish = ""
         self._sha_read = ""
         self._epoch0 = secrets.token_hex(4)
@@ -247,11 +306,58 @@ class RedisBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: list[tuple[list[PublishRequest], PublishDone]] = []
         self._wake = asyncio.Event()
+        self._down = False  # the publisher's last round trip failed to reach Redis
+        self._back = asyncio.Event()  # set (and replaced) when the publisher reaches Redis again
         self._chans: dict[str, _Chan] = {}
-        self._pubsub: Any = None
-        self._connected = asyncio.Event()
+        # channel -> (epoch, offset) of the newest publication this node had acknowledged there, for the
+        # ACKED_CHANNELS most recently published channels: an offset at or below it in the same epoch
+        # means Redis went back (a failover without WAIT) and reuses offsets.
+        self._acked: dict[str, tuple[str, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+
+    # ------------------------------------------------------------------------------ connections
+
+    def _make_client(self) -> Any:
+        """The one place this broker's connections are made: a ``redis.asyncio.Redis`` over a blocking
+        pool (a burst of calls waits for a free connection within ``timeout``, never fails), to the
+        standalone server or, with Sentinel, to whichever server the sentinels name as the master. The
+        Pub/Sub connections come from the same pool. A broker for another topology overrides this."""
+        t = self.target
+        common: dict[str, Any] = {
+            "db": t.db,
+            "username": t.username,
+            "password": t.password,
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": min(self.timeout, 2.0),
+            "max_connections": self.pool_size,
+            "timeout": self.timeout,
+        }
+        if t.sentinels:
+            sentinel_kwargs = {
+                "socket_timeout": min(self.timeout, 2.0),
+                "socket_connect_timeout": min(self.timeout, 2.0),
+                "username": t.sentinel_username,
+                "password": t.sentinel_password,
+            }
+            self._sentinel = Sentinel(list(t.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+            return self._sentinel.master_for(
+                t.master_name,
+                connection_pool_class=_SentinelBlockingPool,
+                connection_class=SentinelManagedSSLConnection if t.tls else SentinelManagedConnection,
+                **common,
+            )
+        pool = aioredis.BlockingConnectionPool(
+            host=t.host,
+            port=t.port,
+            connection_class=aioredis.SSLConnection if t.tls else aioredis.Connection,
+            **common,
+        )
+        return aioredis.Redis(connection_pool=pool)
+
+    def _shard_of(self, channel: str) -> int:
+        """A channel's Pub/Sub connection: crc32 of its name, the same on every node and every run."""
+        return zlib.crc32(channel.encode()) % len(self._shards)
 
     # ------------------------------------------------------------------------------ keys, presence
 
@@ -280,29 +386,44 @@ class RedisBroker:
                 await self._refresh_epoch0()
                 await self._refresh_durable()
         except (RedisError, OSError, TimeoutError) as exc:
-            await self._client.aclose()
-            raise BrokerError(f"cannot reach Redis at {self.target.host}:{self.target.port}: {exc}") from exc
+            await self._close_clients()
+            why = str(exc) or f"no answer within redis_timeout ({self.timeout:g} s)"
+            raise BrokerError(f"cannot reach {self.target.describe()}: {why}") from exc
         self._tasks = [
             self._loop.create_task(self._publisher()),
             self._loop.create_task(self._listener()),
             self._loop.create_task(self._checker()),
         ]
 
+    async def _close_clients(self) -> None:
+        await self._client.aclose()
+        if self._sentinel is not None:
+            with contextlib.suppress(Exception):
+                await self._sentinel.aclose()
+
     async def close(self) -> None:
         self._closing = True
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        pending: set[asyncio.Task[None]] = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        # A listener blocked in redis-py's read without a timeout may not take the cancellation until its
+        # connection goes: close the Pub/Sub connections, then wait (bounded) for the tasks to end.
+        for shard in self._shards:
+            if shard.pubsub is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self.timeout):
+                        await shard.pubsub.aclose()
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=self.timeout)
+            if pending:
+                log.warning("%d Redis broker task(s) did not end on close", len(pending))
         self._tasks = []
         for _reqs, done in self._queue:
             done(BrokerError("broker closed"))
         self._queue.clear()
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
-        await self._client.aclose()
+        await self._close_clients()
 
     async def _load_scripts(self) -> None:
         self._sha_publish = _text(await self._client.script_load(_PUBLISH))
@@ -351,14 +472,30 @@ class RedisBroker:
                 async with asyncio.timeout(self.timeout):
                     results = await self._run_publish([r for reqs, _ in batch for r in reqs])
             except (RedisError, OSError, TimeoutError) as exc:
+                self._reached(isinstance(exc, WaitError))
                 err = BrokerError(f"redis unavailable: {exc or type(exc).__name__}")
                 for _, done in batch:
                     _answer(done, err)
                 continue
+            self._reached(True)
             i = 0
             for reqs, done in batch:
                 _answer(done, results[i : i + len(reqs)])
                 i += len(reqs)
+
+    def _reached(self, ok: bool) -> None:
+        if not ok:
+            self._down = True
+        elif self._down:
+            self._down = False
+            self._back.set()  # wake the Pub/Sub connections and repairs waiting out their backoff
+            self._back = asyncio.Event()
+
+    async def _backoff(self, delay: float, back: asyncio.Event) -> None:
+        """Sleep ``delay``, or less: until the publisher reached Redis again since ``back`` was taken
+        (after a failover or a restart the Pub/Sub connections come back with it, not up to 2 s later)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(back.wait(), delay)
 
     def _epoch0_for(self, channel: str) -> str:
         """The key of the epoch a never-published ``channel`` is in (one per slot on Redis Cluster)."""
@@ -399,6 +536,9 @@ class RedisBroker:
             pipe = self._client.pipeline(transaction=False)
             for r, pid in zip(reqs, ids, strict=True):
                 pipe.evalsha(self._sha_publish, *self._publish_argv(r, pid))
+            if self.wait_replicas:
+                # Same connection, after the writes: acknowledged only once N replicas have them.
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             try:
                 replies = await pipe.execute()
                 break
@@ -406,24 +546,49 @@ class RedisBroker:
                 if attempt:
                     raise
                 await self._load_scripts()  # Redis restarted or flushed its script cache
+        if self.wait_replicas:
+            acked = int(replies.pop())
+            if acked < self.wait_replicas:
+                # The publications are in the master (and may survive); not acknowledged: a retry with
+                # the idempotency key is safe.
+                raise WaitError(f"{acked} of {self.wait_replicas} replicas acknowledged in time")
         out: PublishResult = []
         for r, pid, rep in zip(reqs, ids, replies, strict=True):
             if rep[0] == 1:
                 offset, epoch, first_id = rep[1].split(b"\0")
                 out.append(Repeat(r.channel, int(offset), epoch.decode(), first_id.decode()))
             else:
-                out.append(
-                    Publication(
-                        r.channel,
-                        int(rep[1]),
-                        rep[2].decode(),
-                        pid,
-                        int(rep[3]),
-                        raw=r.raw,
-                        raw_info=r.raw_info,
-                    )
+                pub = Publication(
+                    r.channel,
+                    int(rep[1]),
+                    rep[2].decode(),
+                    pid,
+                    int(rep[3]),
+                    raw=r.raw,
+                    raw_info=r.raw_info,
                 )
+                self._note_acked(pub)
+                out.append(pub)
         return out
+
+    def _note_acked(self, pub: Publication) -> None:
+        """Remember the newest acknowledged offset per channel; one that did not grow in the same epoch
+        means Redis lost what this node acknowledged and gave its offsets to others: retire the epoch,
+        so that a client positioned there gets ``recovered: false`` even where nobody was subscribed."""
+        acked = self._acked
+        prev = acked.pop(pub.channel, None)
+        acked[pub.channel] = (pub.epoch, pub.offset)
+        if len(acked) > ACKED_CHANNELS:
+            del acked[next(iter(acked))]
+        if prev is not None and prev[0] == pub.epoch and pub.offset <= prev[1]:
+            why = f"offset {pub.offset} was acknowledged again after {prev[1]} (Redis lost data)"
+            chan = self._chans.get(pub.channel)
+            if chan is not None and chan.epoch == pub.epoch:
+                self._lose(pub.channel, chan, why, reused=True)
+            else:
+                log.warning("channel %s: %s; its epoch is retired", pub.channel, why)
+                assert self._loop is not None
+                self._loop.create_task(self._retire(pub.channel, pub.epoch))
 
     # ------------------------------------------------------------------------------ history
 
@@ -481,7 +646,8 @@ class RedisBroker:
     def interest(self, channel: str, on: bool) -> None:
         if on:
             if channel not in self._chans:
-                chan = self._chans[channel] = _Chan(self._key(channel, "p").encode())
+                shard = self._shard_of(channel)
+                chan = self._chans[channel] = _Chan(self._key(channel, "p").encode(), shard)
                 self._subscribe([chan.pchan])
         else:
             chan_gone = self._chans.pop(channel, None)
@@ -489,15 +655,26 @@ class RedisBroker:
                 chan_gone.ready.set()  # never leave a reader waiting
                 self._unsubscribe([chan_gone.pchan])
 
+    def _by_shard(self, pchans: list[bytes]) -> dict[int, list[bytes]]:
+        out: dict[int, list[bytes]] = {}
+        cut = len(self.prefix) + 2
+        for p in pchans:
+            out.setdefault(self._shard_of(p[cut:-3].decode()), []).append(p)
+        return out
+
     def _subscribe(self, pchans: list[bytes]) -> None:
-        if self._pubsub is not None and self._connected.is_set() and pchans:
-            assert self._loop is not None
-            self._loop.create_task(self._command(self._pubsub.subscribe, pchans))
+        for k, mine in self._by_shard(pchans).items():
+            shard = self._shards[k]
+            if shard.pubsub is not None and shard.connected.is_set():
+                assert self._loop is not None
+                self._loop.create_task(self._command(shard.pubsub.subscribe, mine))
 
     def _unsubscribe(self, pchans: list[bytes]) -> None:
-        if self._pubsub is not None and self._connected.is_set() and pchans:
-            assert self._loop is not None
-            self._loop.create_task(self._command(self._pubsub.unsubscribe, pchans))
+        for k, mine in self._by_shard(pchans).items():
+            shard = self._shards[k]
+            if shard.pubsub is not None and shard.connected.is_set():
+                assert self._loop is not None
+                self._loop.create_task(self._command(shard.pubsub.unsubscribe, mine))
 
     async def _command(self, fn: Any, pchans: list[bytes]) -> None:
         try:
@@ -507,25 +684,43 @@ class RedisBroker:
 
     # ------------------------------------------------------------------------------ live stream
 
+    def _shard_name(self, shard: _Shard) -> str:
+        """The Pub/Sub connection's CLIENT SETNAME (what ``CLIENT LIST TYPE pubsub`` shows)."""
+        return f"{self.prefix}:pubsub:{shard.index}"
+
     async def _listener(self) -> None:
-        """Hold the Pub/Sub connection: (re)connect with backoff, resubscribe every channel, and hand
-        each message to :meth:`_on_message`."""
+        """Every Pub/Sub connection's listener (a broker for another topology overrides this)."""
+        await asyncio.gather(*(self._shard_listener(shard) for shard in self._shards))
+
+    async def _shard_listener(self, shard: _Shard) -> None:
+        """Hold one Pub/Sub connection: (re)connect with backoff, resubscribe the channels of this shard
+        (only those: a dropped connection repairs its own channels), and hand each message to
+        :meth:`_on_message`. With Sentinel, every connect asks the sentinels for the master."""
         delay = 0.05
         prefix_len = len(self.prefix) + 2
         while True:
             pubsub = self._client.pubsub()
+            back = self._back
             try:
-                await pubsub.connect()  # type: ignore[no-untyped-call]
-                self._pubsub = pubsub
-                self._connected.set()  # from here on, a new interest subscribes on its own
-                for chan in self._chans.values():
+                await pubsub.connect()
+                conn = pubsub.connection
+                await conn.send_command("CLIENT", "SETNAME", self._shard_name(shard))
+                await conn.read_response()
+                shard.pubsub = pubsub
+                shard.connects += 1
+                shard.connected.set()  # from here on, a new interest subscribes on its own
+                mine = [c for c in self._chans.values() if c.shard == shard.index]
+                for chan in mine:
                     chan.state = "new"  # whatever was missed is repaired once resubscribed
-                pchans = [c.pchan for c in self._chans.values()]
                 # (the placeholder keeps the connection in Pub/Sub mode when there is nothing yet)
-                await pubsub.subscribe(f"{self.prefix}:-", *pchans)
+                await pubsub.subscribe(f"{self.prefix}:-", *[c.pchan for c in mine])
                 delay = 0.05
                 while True:
-                    msg = await pubsub.get_message(timeout=None)
+                    # (a bounded wait: redis-py's read without a timeout can swallow a cancellation,
+                    # so the listener also looks at ``_closing`` at least every second)
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if self._closing:
+                        return
                     if msg is None:
                         continue
                     kind = msg["type"]
@@ -544,13 +739,15 @@ class RedisBroker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._connected.clear()
-                self._pubsub = None
-                if not self._closing:
-                    log.warning("redis pubsub connection lost (%s); reconnecting in %.2fs", exc, delay)
+                shard.connected.clear()
+                shard.pubsub = None
+                if not self._closing:  # (a warning when it drops, the retries after it at info)
+                    level = logging.WARNING if delay == 0.05 else logging.INFO
+                    what = "redis pubsub connection %d: %s; reconnecting in %.2fs"
+                    log.log(level, what, shard.index, exc, delay)
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                await asyncio.sleep(delay)
+                    await pubsub.aclose()
+                await self._backoff(delay, back)
                 delay = min(delay * 2, 2.0)
 
     def _on_subscribed(self, channel: str, chan: _Chan) -> None:
@@ -599,7 +796,8 @@ class RedisBroker:
         elif pub.offset <= chan.top:
             for off, pid in chan.recent:
                 if off == pub.offset and pid != pub.id:
-                    self._lose(channel, chan, f"offset {pub.offset} was published twice (Redis lost data)")
+                    why = f"offset {pub.offset} was published twice (Redis lost data)"
+                    self._lose(channel, chan, why, reused=True)
                     return
         else:  # a gap: read the missing range, then this and what follows
             chan.state = "repair"
@@ -621,14 +819,20 @@ class RedisBroker:
         A new channel starts at the top; retries while Redis is unreachable."""
         delay = 0.05
         while self._chans.get(channel) is chan:
+            back = self._back
             try:
                 async with asyncio.timeout(self.timeout):
                     if chan.epoch is None:
                         res = await self._read(channel, HistoryOptions(size=0), None, 0)
                         chan.epoch, chan.top = res.position.epoch, res.position.offset
                     else:
+                        # The first read includes the last offset delivered here, to check it still holds
+                        # the same publication: after a failover without WAIT the new master may have
+                        # lost it and given its offset to another one.
+                        known = next((pid for off, pid in reversed(chan.recent) if off == chan.top), None)
                         while True:
-                            res = await self._read(channel, HistoryOptions(), chan.top, REPAIR_CHUNK)
+                            since = chan.top - 1 if known is not None else chan.top
+                            res = await self._read(channel, HistoryOptions(), since, REPAIR_CHUNK)
                             if self._chans.get(channel) is not chan:
                                 return
                             if res.position.epoch != chan.epoch and not (
@@ -637,21 +841,30 @@ class RedisBroker:
                                 self._lose(channel, chan, "the channel's stream was lost (new epoch)")
                                 return
                             if res.position.offset < chan.top:
-                                self._lose(channel, chan, "the channel's stream went back (Redis lost data)")
+                                why = (
+                                    f"the channel's stream went back from {chan.top} to "
+                                    f"{res.position.offset} in epoch {chan.epoch} (Redis lost data)"
+                                )
+                                self._lose(channel, chan, why, reused=True)
                                 return
                             chan.epoch = res.position.epoch
                             if res.position.offset > chan.top and res.first_offset > chan.top + 1:
                                 self._lose(channel, chan, "history no longer holds the missing range")
                                 return
                             for pub in res.publications:
+                                if pub.offset == chan.top and known is not None and pub.id != known:
+                                    why = f"offset {pub.offset} holds another publication (Redis lost data)"
+                                    self._lose(channel, chan, why, reused=True)
+                                    return
                                 if pub.offset == chan.top + 1:
                                     self._deliver(chan, pub)
+                            known = None
                             if chan.top >= res.position.offset or not res.publications:
                                 break
                 break
             except (RedisError, OSError, TimeoutError) as exc:
                 log.info("repair of %s waits for Redis: %s", channel, exc)
-                await asyncio.sleep(delay)
+                await self._backoff(delay, back)
                 delay = min(delay * 2, 2.0)
         if self._chans.get(channel) is not chan:
             return
@@ -665,16 +878,41 @@ class RedisBroker:
                     chan.backlog = [*[b for b in backlog[i + 1 :]], *chan.backlog]
                 return
 
-    def _lose(self, channel: str, chan: _Chan, why: str) -> None:
-        """Tell every local subscriber of ``channel`` that this node cannot keep it gapless."""
+    def _lose(self, channel: str, chan: _Chan, why: str, *, reused: bool = False) -> None:
+        """Tell every local subscriber of ``channel`` that this node cannot keep it gapless. ``reused``:
+        Redis lost publications of the channel's epoch and gives (or will give) their offsets to others,
+        so the epoch is retired first (:meth:`_retire`)."""
         log.warning("channel %s: %s; its subscribers are told to resubscribe", channel, why)
+        epoch = chan.epoch
         if self._chans.get(channel) is chan:
             # Start over: the subscribers that come back set the channel up afresh.
             chan.epoch, chan.top, chan.state, chan.backlog = None, 0, "new", []
             chan.recent.clear()
             chan.ready.set()
         assert self._loop is not None and self._handler is not None
-        self._loop.call_soon(self._handler.lost, channel)
+        if reused and epoch is not None:
+            self._loop.create_task(self._retire(channel, epoch))
+        else:
+            self._loop.call_soon(self._handler.lost, channel)
+
+    async def _retire(self, channel: str, epoch: str) -> None:
+        """Move ``channel`` from ``epoch`` to a new one (compare-and-set: several nodes finding the same
+        loss retire it once), then tell the local subscribers. Redis went back under publications this
+        node delivered (a failover without WAIT, an older AOF): offsets of that epoch now name other
+        publications, so a client positioned in it, here or on any node, must get ``recovered: false``
+        rather than a replay that skips what was published under the offsets it already saw."""
+        delay = 0.05
+        for _ in range(8):
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._client.eval(_RETIRE, 1, self._key(channel, "m"), epoch, secrets.token_hex(4))
+                break
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("channel %s: cannot retire epoch %s yet: %s", channel, epoch, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        assert self._handler is not None
+        self._handler.lost(channel)
 
     async def _checker(self) -> None:
         """Every ``check_interval``: one pipelined read of every local channel's top; a channel behind
@@ -704,11 +942,14 @@ class RedisBroker:
                 if epoch is None:
                     if was_top > 0:
                         self._lose(ch, chan, "the channel's stream is gone")
-                elif epoch.decode() != was_epoch or int(top) < was_top:
+                elif epoch.decode() != was_epoch:
                     if was_top > 0:
                         self._lose(ch, chan, "the channel's stream was lost (new epoch)")
                     else:
                         chan.epoch = epoch.decode()
+                elif int(top) < was_top:
+                    why = f"the stream went back from {was_top} to {int(top)} in epoch {chan.epoch}"
+                    self._lose(ch, chan, why + " (Redis lost data)", reused=True)
                 elif int(top) > chan.top:
                     chan.state = "repair"
                     assert self._loop is not None

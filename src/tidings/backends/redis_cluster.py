@@ -192,7 +192,7 @@ class RedisClusterBroker(RedisBroker):
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
             **self._conn_kw,
         )
-        self._client = self._cluster  # type: ignore[assignment]  # (same commands, routed by slot)
+        self._client = self._cluster  # (same commands, routed by slot)
         self._slots = asyncio.Semaphore(pool_size)  # commands in flight (the pool does not block)
         self._subs: dict[str, _NodeSub] = {}  # master name -> its Pub/Sub connection
         self._where: dict[str, str] = {}  # channel -> master it is SSUBSCRIBEd on
