@@ -502,8 +502,11 @@ class RedisBroker:
         return self._epoch0_key
 
     def _publish_durable(self) -> bool:
-        """Whether Redis keeps every acknowledged write across its own restart (the script's ARGV[12])."""
-        return self._durable
+        """Whether every acknowledged write survives what can happen to this Redis (the script's ARGV[12]):
+        its own restart (``appendfsync always``) and, with Sentinel, a failover too (``WAIT`` for at least
+        one replica; without it the promoted replica may lack the tail, so the channel goes on in a new
+        epoch and clients are told)."""
+        return self._durable and (self._sentinel is None or self.wait_replicas >= 1)
 
     def _publish_argv(self, r: PublishRequest, pid: str) -> tuple[Any, ...]:
         """numkeys, KEYS and ARGV of ``_PUBLISH`` for one request: its one calling convention."""
