@@ -476,7 +476,9 @@ async def test_wait_replicas_acknowledges_only_what_a_replica_has(
     others = [chs[0] for p, chs in spread.items() if p != port]
     master = cluster.node_by_port(port)
     (replica,) = cluster.replicas_of(master)
-    broker = RedisClusterBroker(cluster.startup_nodes, timeout=1.0, wait_replicas=wait_replicas)
+    broker = RedisClusterBroker(
+        cluster.startup_nodes, timeout=1.0, wait_replicas=wait_replicas, wait_timeout=0.5
+    )
     await broker.start(_Quiet())
     try:
         async with asyncio.timeout(10):  # (a replica just restarted by the fixture may still be catching up)

@@ -226,6 +226,10 @@ def _redis_cluster(url: SplitResult, opts: BrokerOptions) -> Broker:
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise BrokerURLError(f"a Redis Cluster URL lists host:port startup nodes: {usage}")
         nodes.append((host, int(port)))
+    if opts.redis_wait_replicas < 0:
+        raise BrokerURLError("redis_wait_replicas must be 0 (off) or a number of replicas")
+    if opts.redis_wait_replicas and not 0 < opts.redis_wait_timeout < opts.redis_timeout:
+        raise BrokerURLError("redis_wait_timeout must be above 0 and below redis_timeout")
     user, _, password = userinfo.partition(":")
     return RedisClusterBroker(
         nodes,
@@ -237,6 +241,7 @@ def _redis_cluster(url: SplitResult, opts: BrokerOptions) -> Broker:
         check_interval=opts.redis_check_interval,
         pool_size=opts.redis_pool_size,
         wait_replicas=opts.redis_wait_replicas,
+        wait_timeout=opts.redis_wait_timeout,
         idempotency=IdempotencyOptions(opts.idempotency_window, opts.idempotency_max_keys),
     )
 

@@ -161,6 +161,7 @@ class RedisClusterBroker(RedisBroker):
         check_interval: float = 2.0,
         pool_size: int = 32,
         wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
         idempotency: IdempotencyOptions | None = None,
     ) -> None:
         if aioredis is None:
@@ -175,9 +176,10 @@ class RedisClusterBroker(RedisBroker):
             check_interval=check_interval,
             pool_size=1,
             idempotency=idempotency,
+            wait_replicas=wait_replicas,
+            wait_timeout=wait_timeout,
         )
         self.nodes = list(nodes)
-        self.wait_replicas = wait_replicas
         self._conn_kw: dict[str, Any] = {
             "username": username,
             "password": password,
@@ -401,9 +403,7 @@ class RedisClusterBroker(RedisBroker):
             cmds.append(cmd)
             mine.append(cmd)
         if self.wait_replicas:
-            cmds.append(
-                PipelineCommand(len(cmds), "WAIT", self.wait_replicas, max(1, int(self.timeout * 500)))
-            )
+            cmds.append(PipelineCommand(len(cmds), "WAIT", self.wait_replicas, self.wait_timeout_ms))
         await node.execute_pipeline(cmds)
         results = [c.result for c in mine]
         if self.wait_replicas:
