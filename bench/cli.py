@@ -31,17 +31,28 @@ async def main_async(cfg: Cfg, sizes: Sizes, names: list[str], argv: list[str]) 
     results: list[Result] = []
     for name in names:
         t0 = time.monotonic()
-        print(f"== {name} ...", file=sys.stderr, flush=True)
+        load = uptime()
+        print(f"== {name} ... (load average {load})", file=sys.stderr, flush=True)
         try:
-            res = await asyncio.wait_for(BY_NAME[name](cfg, sizes), cfg.scenario_timeout)
+            cap = max(cfg.scenario_timeout, BY_NAME[name].min_timeout)
+            res = await asyncio.wait_for(BY_NAME[name](cfg, sizes), cap)
         except TimeoutError:
-            res = Result(name, "", errors=f"scenario timed out after {cfg.scenario_timeout:g} s")
+            res = Result(name, "", errors=f"scenario timed out after {cap:g} s")
         except Exception as e:  # a failed scenario must not stop the set
             res = Result(name, "", errors=f"failed: {type(e).__name__}: {e}"[:300])
+        res.notes.append(f"load average (1, 5, 15 min) before: {load}; after: {uptime()}")
         print(f"   {res.result or res.errors}  [{time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
         results.append(res)
         await asyncio.sleep(1.0)  # let sockets drain between scenarios
     return write_report(cfg, results, started, argv)
+
+
+def uptime() -> str:
+    """The load averages (/proc/loadavg: 1, 5 and 15 minutes), as `uptime` prints them."""
+    try:
+        return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def parse_args(argv: list[str]) -> tuple[Cfg, Sizes, list[str]]:
