@@ -638,6 +638,9 @@ class RedisBroker:
         while True:
             await asyncio.sleep(self.check_interval)
             live = [(ch, c) for ch, c in self._chans.items() if c.state == "live"]
+            # What each had delivered when the check was sent: Pub/Sub messages published after Redis
+            # answered may be delivered before the answer is read, so only a top below this one is lost.
+            sent = [c.top for _, c in live]
             try:
                 async with asyncio.timeout(self.timeout):
                     await self._refresh_epoch0()
@@ -650,13 +653,13 @@ class RedisBroker:
             except (RedisError, OSError, TimeoutError) as exc:
                 log.info("position check skipped: %s", exc)
                 continue
-            for (ch, chan), (epoch, top) in zip(live, tops, strict=True):
+            for (ch, chan), (epoch, top), top_sent in zip(live, tops, sent, strict=True):
                 if self._chans.get(ch) is not chan or chan.state != "live":
                     continue
                 if epoch is None:
                     if chan.top > 0:
                         self._lose(ch, chan, "the channel's stream is gone")
-                elif epoch.decode() != chan.epoch or int(top) < chan.top:
+                elif epoch.decode() != chan.epoch or int(top) < top_sent:
                     if chan.top > 0:
                         self._lose(ch, chan, "the channel's stream was lost (new epoch)")
                     else:
