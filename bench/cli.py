@@ -78,6 +78,7 @@ def parse_args(argv: list[str]) -> tuple[Cfg, Sizes, list[str]]:
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--subs", type=int, default=0, help="override the number of subscribers")
     p.add_argument("--run-seconds", type=float, default=0, help="override the publishing time")
+    p.add_argument("--idle-big", type=int, default=0, help="override idle-100k-w6's connections (smoke runs)")
     p.add_argument("--scenario-timeout", type=float, default=90.0, help="hard cap per scenario, seconds")
     p.add_argument(
         "--ready-timeout", type=float, default=25.0, help="cap for connecting+subscribing, seconds"
@@ -100,6 +101,8 @@ def parse_args(argv: list[str]) -> tuple[Cfg, Sizes, list[str]]:
     sizes = QUICK if a.quick else FULL
     if a.subs:
         sizes = sizes.replace(subs=a.subs)
+    if a.idle_big:
+        sizes = sizes.replace(idle_big=a.idle_big)
     if a.run_seconds:
         sizes = sizes.replace(run_s=min(a.run_seconds, 30.0))
     attach = None

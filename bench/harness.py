@@ -290,14 +290,35 @@ def start_redis(cfg: Cfg, dir: Path) -> RedisServer:
     return r
 
 
-def redis_sample(srv: Server) -> procstat.Sample | None:
-    """redis-server's CPU time (utime+stime from /proc/PID/stat) and RSS; None without Redis."""
+def redis_sample(srv: Server, reset: bool = False) -> procstat.Sample | None:
+    """redis-server's CPU time (utime+stime from /proc/PID/stat) and RSS; None without Redis. With
+    ``reset``, also zero Redis's command statistics (``CONFIG RESETSTAT``; see :func:`redis_cmdstats`)."""
     if srv.redis is None or srv.redis.pid is None:
         return None
     try:
+        if reset:
+            redis_command(srv.redis.port, "CONFIG", "RESETSTAT")
         return procstat.sample(srv.redis.pid)
     except OSError:
         return None
+
+
+def redis_cmdstats(srv: Server) -> dict[str, dict[str, float]]:
+    """``INFO commandstats`` since the last reset: {command: {calls, usec, usec_per_call}} (Redis's own
+    accounting of the time spent executing each command, without network I/O)."""
+    if srv.redis is None or srv.redis.pid is None:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    try:
+        text = redis_command(srv.redis.port, "INFO", "commandstats")
+    except OSError:
+        return {}
+    for line in str(text).splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, rest = line[8:].partition(":")
+            kv = dict(x.split("=", 1) for x in rest.split(","))
+            out[name] = {k: float(kv[k]) for k in ("calls", "usec", "usec_per_call") if k in kv}
+    return out
 
 
 async def _wait_workers(srv: Server, timeout: float) -> None:
