@@ -31,7 +31,7 @@ async def main_async(cfg: Cfg, sizes: Sizes, names: list[str], argv: list[str]) 
     results: list[Result] = []
     for name in names:
         t0 = time.monotonic()
-        load = uptime()
+        load, cpu0 = uptime(), cpu_times()
         print(f"== {name} ... (load average {load})", file=sys.stderr, flush=True)
         try:
             cap = max(cfg.scenario_timeout, BY_NAME[name].min_timeout)
@@ -40,7 +40,10 @@ async def main_async(cfg: Cfg, sizes: Sizes, names: list[str], argv: list[str]) 
             res = Result(name, "", errors=f"scenario timed out after {cap:g} s")
         except Exception as e:  # a failed scenario must not stop the set
             res = Result(name, "", errors=f"failed: {type(e).__name__}: {e}"[:300])
-        res.notes.append(f"load average (1, 5, 15 min) before: {load}; after: {uptime()}")
+        res.notes.append(
+            f"load average (1, 5, 15 min) before: {load}; after: {uptime()} (the benchmark itself keeps "
+            f"about 2 runnable: server and clients); machine CPU over the scenario: {cpu_split(cpu0, cpu_times())}"
+        )
         print(f"   {res.result or res.errors}  [{time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
         results.append(res)
         await asyncio.sleep(1.0)  # let sockets drain between scenarios
@@ -53,6 +56,25 @@ def uptime() -> str:
         return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "?"
+
+
+def cpu_times() -> list[int]:
+    """The machine's CPU time so far (/proc/stat "cpu" line: user nice system idle iowait irq softirq
+    steal ..., in clock ticks)."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+def cpu_split(a: list[int], b: list[int]) -> str:
+    """Busy / idle / steal shares of all CPUs between two :func:`cpu_times` readings."""
+    if len(a) < 8 or len(b) < 8:
+        return "?"
+    d = [y - x for x, y in zip(a, b, strict=True)]
+    total = sum(d) or 1
+    busy = d[0] + d[1] + d[2] + d[5] + d[6]
+    return f"busy {busy / total:.0%}, idle {(d[3] + d[4]) / total:.0%}, steal {d[7] / total:.0%}"
 
 
 def parse_args(argv: list[str]) -> tuple[Cfg, Sizes, list[str]]:
