@@ -42,7 +42,7 @@ async def main_async(cfg: Cfg, sizes: Sizes, names: list[str], argv: list[str]) 
             res = Result(name, "", errors=f"failed: {type(e).__name__}: {e}"[:300])
         res.notes.append(
             f"load average (1, 5, 15 min) before: {load}; after: {uptime()} (the benchmark itself keeps "
-            f"about 2 runnable: server and clients); machine CPU over the scenario: {cpu_split(cpu0, cpu_times())}"
+            f"about 2 runnable: server and clients); all CPUs over the scenario: {cpu_split(cpu0, cpu_times())}"
         )
         print(f"   {res.result or res.errors}  [{time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
         results.append(res)
