@@ -40,9 +40,10 @@ async def main_async(cfg: Cfg, sizes: Sizes, names: list[str], argv: list[str]) 
             res = Result(name, "", errors=f"scenario timed out after {cap:g} s")
         except Exception as e:  # a failed scenario must not stop the set
             res = Result(name, "", errors=f"failed: {type(e).__name__}: {e}"[:300])
+        split = cpu_split(cpu0, cpu_times())
         res.notes.append(
             f"load average (1, 5, 15 min) before: {load}; after: {uptime()} (the benchmark itself keeps "
-            f"about 2 runnable: server and clients); all CPUs over the scenario: {cpu_split(cpu0, cpu_times())}"
+            f"about 2 runnable: server and clients); all CPUs over the scenario: {split}"
         )
         print(f"   {res.result or res.errors}  [{time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
         results.append(res)
