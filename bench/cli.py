@@ -31,17 +31,51 @@ async def main_async(cfg: Cfg, sizes: Sizes, names: list[str], argv: list[str]) 
     results: list[Result] = []
     for name in names:
         t0 = time.monotonic()
-        print(f"== {name} ...", file=sys.stderr, flush=True)
+        load, cpu0 = uptime(), cpu_times()
+        print(f"== {name} ... (load average {load})", file=sys.stderr, flush=True)
         try:
-            res = await asyncio.wait_for(BY_NAME[name](cfg, sizes), cfg.scenario_timeout)
+            cap = max(cfg.scenario_timeout, BY_NAME[name].min_timeout)
+            res = await asyncio.wait_for(BY_NAME[name](cfg, sizes), cap)
         except TimeoutError:
-            res = Result(name, "", errors=f"scenario timed out after {cfg.scenario_timeout:g} s")
+            res = Result(name, "", errors=f"scenario timed out after {cap:g} s")
         except Exception as e:  # a failed scenario must not stop the set
             res = Result(name, "", errors=f"failed: {type(e).__name__}: {e}"[:300])
+        split = cpu_split(cpu0, cpu_times())
+        res.notes.append(
+            f"load average (1, 5, 15 min) before: {load}; after: {uptime()} (the benchmark itself keeps "
+            f"about 2 runnable: server and clients); all CPUs over the scenario: {split}"
+        )
         print(f"   {res.result or res.errors}  [{time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
         results.append(res)
         await asyncio.sleep(1.0)  # let sockets drain between scenarios
     return write_report(cfg, results, started, argv)
+
+
+def uptime() -> str:
+    """The load averages (/proc/loadavg: 1, 5 and 15 minutes), as `uptime` prints them."""
+    try:
+        return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def cpu_times() -> list[int]:
+    """The machine's CPU time so far (/proc/stat "cpu" line: user nice system idle iowait irq softirq
+    steal ..., in clock ticks)."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+def cpu_split(a: list[int], b: list[int]) -> str:
+    """Busy / idle / steal shares of all CPUs between two :func:`cpu_times` readings."""
+    if len(a) < 8 or len(b) < 8:
+        return "?"
+    d = [y - x for x, y in zip(a, b, strict=True)]
+    total = sum(d) or 1
+    busy = d[0] + d[1] + d[2] + d[5] + d[6]
+    return f"busy {busy / total:.0%}, idle {(d[3] + d[4]) / total:.0%}, steal {d[7] / total:.0%}"
 
 
 def parse_args(argv: list[str]) -> tuple[Cfg, Sizes, list[str]]:
@@ -67,6 +101,7 @@ def parse_args(argv: list[str]) -> tuple[Cfg, Sizes, list[str]]:
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--subs", type=int, default=0, help="override the number of subscribers")
     p.add_argument("--run-seconds", type=float, default=0, help="override the publishing time")
+    p.add_argument("--idle-big", type=int, default=0, help="override idle-100k-w6's connections (smoke runs)")
     p.add_argument("--scenario-timeout", type=float, default=90.0, help="hard cap per scenario, seconds")
     p.add_argument(
         "--ready-timeout", type=float, default=25.0, help="cap for connecting+subscribing, seconds"
@@ -89,6 +124,8 @@ def parse_args(argv: list[str]) -> tuple[Cfg, Sizes, list[str]]:
     sizes = QUICK if a.quick else FULL
     if a.subs:
         sizes = sizes.replace(subs=a.subs)
+    if a.idle_big:
+        sizes = sizes.replace(idle_big=a.idle_big)
     if a.run_seconds:
         sizes = sizes.replace(run_s=min(a.run_seconds, 30.0))
     attach = None

@@ -25,6 +25,8 @@ from typing import IO, Any
 
 import aiohttp
 import orjson
+from tests.redis_servers import RedisServer
+from tests.redis_servers import command as redis_command
 
 from bench import procstat, stats
 
@@ -49,7 +51,7 @@ class Cfg:
     quick: bool
     host: str
     server_cmd: str
-    broker: str  # auto | memory | sqlite
+    broker: str  # auto | memory | sqlite (redis scenarios always use the Redis they start)
     attach: tuple[str, int] | None
     server_pid: int | None
     api_key: str
@@ -80,6 +82,10 @@ class Server:
     log: Path | None = None
     key_overridden: bool = False
     loadgens: list[Loadgen] = field(default_factory=list)  # started against it, killed when it stops
+    broker: str = "memory"  # memory | sqlite | redis
+    workers: int = 1  # --workers N: pid is the supervisor's, worker_pids its N workers
+    worker_pids: list[int] = field(default_factory=list)
+    redis: RedisServer | None = None  # the redis-server started for this server (broker "redis")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -274,18 +280,100 @@ def _open_log(path: Path) -> IO[bytes]:
     return open(path, "wb")  # handed to the child, closed right after the spawn
 
 
-async def start_server(cfg: Cfg, broker: str) -> Server:
-    """A fresh server (or the attached one) on a free port, healthy, with its API key read."""
+def start_redis(cfg: Cfg, dir: Path) -> RedisServer:
+    """A fresh ``redis-server`` (no persistence) on a free loopback port, pinned to the server CPU.
+
+    ``tests/redis_servers.py`` starts and stops it by PID (and kills it if this process dies)."""
+    r = RedisServer(dir, persistence="none", name="bench-redis").start()
+    if cfg.server_cpu is not None and r.pid is not None:
+        os.sched_setaffinity(r.pid, {cfg.server_cpu})
+    return r
+
+
+def redis_sample(srv: Server, reset: bool = False) -> procstat.Sample | None:
+    """redis-server's CPU time (utime+stime from /proc/PID/stat) and RSS; None without Redis. With
+    ``reset``, also zero Redis's command statistics (``CONFIG RESETSTAT``; see :func:`redis_cmdstats`)."""
+    if srv.redis is None or srv.redis.pid is None:
+        return None
+    try:
+        if reset:
+            redis_command(srv.redis.port, "CONFIG", "RESETSTAT")
+        return procstat.sample(srv.redis.pid)
+    except OSError:
+        return None
+
+
+def redis_cmdstats(srv: Server) -> dict[str, dict[str, float]]:
+    """``INFO commandstats`` since the last reset: {command: {calls, usec, usec_per_call}} (Redis's own
+    accounting of the time spent executing each command, without network I/O)."""
+    if srv.redis is None or srv.redis.pid is None:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    try:
+        text = redis_command(srv.redis.port, "INFO", "commandstats")
+    except OSError:
+        return {}
+    for line in str(text).splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, rest = line[8:].partition(":")
+            kv = dict(x.split("=", 1) for x in rest.split(","))
+            out[name] = {k: float(kv[k]) for k in ("calls", "usec", "usec_per_call") if k in kv}
+    return out
+
+
+async def _wait_workers(srv: Server, timeout: float) -> None:
+    """Until the supervisor logged that all its workers listen; then their PIDs (from its log line)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if srv.proc is not None and srv.proc.returncode is not None:
+            raise RuntimeError(f"server exited with {srv.proc.returncode}: {server_tail(srv)[-500:]}")
+        for line in server_tail(srv, 20000).splitlines():
+            if f"{srv.workers} workers (pids " in line:
+                pids = line.split("(pids ", 1)[1].split(")", 1)[0].split()
+                srv.worker_pids = [int(x) for x in pids]
+                return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"the {srv.workers} workers did not all listen in time: {server_tail(srv)[-500:]}")
+
+
+def pin_workers(cfg: Cfg, srv: Server) -> list[int]:
+    """Worker k (0-based, in the supervisor's order) on CPU (server_cpu + k) % ncpu: with two CPUs, worker
+    2 shares CPU 1 with the clients. Returns the CPUs (empty when not pinning)."""
+    if cfg.server_cpu is None or srv.workers <= 1:
+        return []
+    ncpu = os.cpu_count() or 1
+    cpus = []
+    for k, pid in enumerate(srv.worker_pids):
+        cpu = (cfg.server_cpu + k) % ncpu
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, {cpu})
+        cpus.append(cpu)
+    return cpus
+
+
+async def start_server(cfg: Cfg, broker: str, workers: int = 1) -> Server:
+    """A fresh server (or the attached one) on a free port, healthy, with its API key read.
+
+    ``broker`` "redis" starts a redis-server of its own first; ``workers`` > 1 runs ``--workers N``
+    (Redis only) and waits until every worker listens."""
     if cfg.attach:
         host, port = cfg.attach
         await wait_healthy(host, port, None, 5)
         return Server(port=port, pid=cfg.server_pid, api_key=cfg.api_key, cmd="(attached)")
-    if cfg.broker != "auto":
+    if cfg.broker != "auto" and broker != "redis":
         broker = cfg.broker
     tmp = tempfile.TemporaryDirectory(prefix="tidings-bench-")
     data_dir = tmp.name
     port = free_port(cfg.host)
-    broker_args = "--broker memory://" if broker == "memory" else ""
+    redis = start_redis(cfg, Path(data_dir) / "redis") if broker == "redis" else None
+    if broker == "memory":
+        broker_args = "--broker memory://"
+    elif redis is not None:
+        broker_args = f"--broker {redis.url}"
+    else:
+        broker_args = ""
+    if workers > 1:
+        broker_args += f" --workers {workers}"
     cmd = cfg.server_cmd.format(
         python=shlex.quote(sys.executable),
         host=cfg.host,
@@ -304,7 +392,11 @@ async def start_server(cfg: Cfg, broker: str) -> Server:
     )
     logf.close()
     srv = Server(port=port, pid=proc.pid, api_key="", data_dir=data_dir, proc=proc, cmd=cmd, tmp=tmp, log=log)
+    srv.broker, srv.workers, srv.redis = broker, workers, redis
     try:
+        if workers > 1:
+            await _wait_workers(srv, 60)
+            pin_workers(cfg, srv)
         await wait_healthy(cfg.host, port, proc, 20)
         key_file = Path(data_dir) / "api-key"
         for _ in range(50):
@@ -327,15 +419,20 @@ async def stop_server(srv: Server) -> None:
         except TimeoutError:
             srv.proc.kill()
             await srv.proc.wait()
+    for pid in srv.worker_pids:  # a worker that outlived its supervisor (it should not): by its PID
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if srv.redis is not None:
+        await asyncio.to_thread(srv.redis.kill)
     if srv.tmp is not None:
         srv.tmp.cleanup()
 
 
 @contextlib.asynccontextmanager
-async def running_server(cfg: Cfg, broker: str) -> AsyncIterator[Server]:
-    """:func:`start_server`; on the way out its load generators are killed, then it is stopped (and its
-    data dir removed)."""
-    srv = await start_server(cfg, broker)
+async def running_server(cfg: Cfg, broker: str, workers: int = 1) -> AsyncIterator[Server]:
+    """:func:`start_server`; on the way out its load generators are killed, then it is stopped (with its
+    Redis, if any, and its data dir removed)."""
+    srv = await start_server(cfg, broker, workers)
     try:
         yield srv
     finally:
@@ -344,9 +441,9 @@ async def running_server(cfg: Cfg, broker: str) -> AsyncIterator[Server]:
         await stop_server(srv)
 
 
-def server_tail(srv: Server) -> str:
+def server_tail(srv: Server, chars: int = 1500) -> str:
     if srv.log and srv.log.exists():
-        return srv.log.read_text(errors="replace")[-1500:]
+        return srv.log.read_text(errors="replace")[-chars:]
     return ""
 
 
@@ -366,11 +463,39 @@ def redact(text: str) -> str:
 
 
 def snap(srv: Server) -> procstat.Sample | None:
-    """The server's CPU time and RSS now; None without a PID (attached) or once it is gone."""
+    """The server's CPU time and RSS now; None without a PID (attached) or once it is gone.
+
+    With ``--workers`` it is the sum over the supervisor and its workers (the supervisor serves no
+    client: its share is its constant few MiB and no CPU); :func:`worker_snap` is the workers alone."""
     if srv.pid is None:
         return None
     try:
+        if srv.worker_pids:
+            return procstat.sample_pids([srv.pid, *srv.worker_pids])
         return procstat.sample(srv.pid)
+    except OSError:
+        return None
+
+
+def fd_counts(srv: Server) -> dict[int, int]:
+    """Open files of each worker (or of the server alone): the difference between two readings is the
+    connections each one took."""
+    out: dict[int, int] = {}
+    for pid in srv.worker_pids or ([srv.pid] if srv.pid else []):
+        with contextlib.suppress(OSError):
+            out[pid] = len(os.listdir(f"/proc/{pid}/fd"))
+    return out
+
+
+def fd_delta(before: dict[int, int], after: dict[int, int]) -> dict[int, int]:
+    return {pid: n - before.get(pid, 0) for pid, n in after.items()}
+
+
+def worker_snap(srv: Server) -> procstat.Sample | None:
+    """The workers' CPU time and VmRSS summed (without the supervisor); the server itself without
+    ``--workers``."""
+    try:
+        return procstat.sample_pids(srv.worker_pids) if srv.worker_pids else snap(srv)
     except OSError:
         return None
 
@@ -392,6 +517,25 @@ async def committed(cfg: Cfg, srv: Server, channels: list[str]) -> dict[str, int
                 resp.raise_for_status()
                 out[ch] = int((await resp.json(loads=orjson.loads))["offset"])
     return out
+
+
+def redis_tops(srv: Server, channels: list[str], prefix: str = "tidings") -> dict[str, int]:
+    """Each channel's top offset as Redis holds it (``HGET <prefix>:{<ch>}:m t``, the counter the publish
+    script increments): on a fresh Redis, the number of publications Redis ran for the channel."""
+    assert srv.redis is not None
+    out: dict[str, int] = {}
+    for ch in channels:
+        v = redis_command(srv.redis.port, "HGET", f"{prefix}:{{{ch}}}:m", "t")
+        out[ch] = int(v) if v is not None else 0
+    return out
+
+
+async def in_store(cfg: Cfg, srv: Server, channels: list[str]) -> dict[str, int]:
+    """Top offsets where the broker keeps them: in Redis itself for the Redis broker, else through the
+    history API (:func:`committed`)."""
+    if srv.redis is not None:
+        return await asyncio.to_thread(redis_tops, srv, channels)
+    return await committed(cfg, srv, channels)
 
 
 # --------------------------------------------------------------------------------------------- wrk

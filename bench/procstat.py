@@ -160,6 +160,16 @@ def sample(pid: int, children: bool = False) -> Sample:
     return Sample(pid, time.monotonic(), u, s, r, h, th)
 
 
+def sample_pids(pids: list[int]) -> Sample:
+    """One reading of several processes, summed (e.g. the workers of ``tidings serve --workers N``);
+    raises OSError when one of them is gone. ``pid`` of the result is the first one's."""
+    u = s = r = h = th = 0
+    for p in pids:
+        a, b, c, d, e = _read_one(p)
+        u, s, r, h, th = u + a, s + b, r + c, h + d, th + e
+    return Sample(pids[0], time.monotonic(), u, s, r, h, th)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Sample a process's CPU time and RSS from /proc.")
     p.add_argument("pid", type=int)

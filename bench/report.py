@@ -61,11 +61,12 @@ def rss_str(after: procstat.Sample | None) -> str:
     return f"{after.rss_kib / 1024:.0f} MiB" if after else "-"
 
 
-def committed_str(committed: int, acknowledged: int) -> str:
-    """The Loss column of the publish scenarios: every acknowledged publication must be committed."""
+def committed_str(committed: int, acknowledged: int, where: str = "committed") -> str:
+    """The Loss column of the publish scenarios: every acknowledged publication must be committed
+    (``where`` = "in Redis" for the Redis broker: the top offsets Redis holds)."""
     if committed == acknowledged:
-        return f"committed = acknowledged ({fmt_int(committed)})"
-    return f"MISMATCH: committed {fmt_int(committed)}, acknowledged {fmt_int(acknowledged)}"
+        return f"{where} = acknowledged ({fmt_int(committed)})"
+    return f"MISMATCH: {where} {fmt_int(committed)}, acknowledged {fmt_int(acknowledged)}"
 
 
 def cpu_per(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import os
 import shlex
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,9 +24,14 @@ from bench import publisher, stats
 from bench.harness import (
     Cfg,
     Loadgen,
-    committed,
+    Server,
+    fd_counts,
+    fd_delta,
+    in_store,
     key_args,
     nprocs,
+    redis_cmdstats,
+    redis_sample,
     run_publisher,
     run_wrk,
     running_server,
@@ -33,9 +39,11 @@ from bench.harness import (
     snap,
     start_loadgens,
     taskset,
+    worker_snap,
     write_wrk_script,
     wrk_bin,
 )
+from bench.procstat import Sample
 from bench.report import Result, committed_str, cpu_per, err_str, fmt_int, lat_str, rss_str
 
 PAD = publisher.pad_for(100)  # data {"t": <19 digits>, "pad": PAD} is 100 bytes of JSON
@@ -59,13 +67,15 @@ class Sizes:
     batch_conns: int = 8  # http-batch: wrk connections
     batch_size: int = 100  # http-batch: publications per request
     broadcast_interval: float = 0.25  # fanout-broadcast: seconds between single publishes
+    idle_big: int = 100_000  # idle-100k-w6: subscribers held over the workers
+    idle_big_workers: int = 6
 
     def replace(self, **changes: Any) -> Sizes:
         return dataclasses.replace(self, **changes)
 
 
 FULL = Sizes(10_000, 100, 19_000, 10_000, 100, 100, 10.0, 30.0, 3000.0, 4, 50, 500)
-QUICK = Sizes(500, 10, 1_000, 500, 100, 20, 3.0, 30.0, 300.0, 2, 50, 200)
+QUICK = Sizes(500, 10, 1_000, 500, 100, 20, 3.0, 30.0, 300.0, 2, 50, 200, idle_big=3_000)
 
 
 def pub_body(channel: str) -> dict[str, Any]:
@@ -83,6 +93,8 @@ class Fanout:
     pub_args: list[str]
     chatsocket: bool = False  # the demo protocol on /chatsocket instead of /ws subscriptions
     lg_extra: tuple[str, ...] = ()
+    broker: str = "memory"  # memory | sqlite | redis (a redis-server of its own per scenario)
+    workers: int = 1  # tidings serve --workers N (Redis only)
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,8 @@ class PublishOnly:
     args: list[str]
     note: str = ""
     procs: int = 1
+    broker: str = "sqlite"
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -108,11 +122,26 @@ class WrkPublish:
     unit: str  # in the Result column: "<n> publications/s"
     unit1: str  # in the CPU column: "µs/publication"
     fallback: PublishOnly | None = None
+    broker: str = "sqlite"
+    workers: int = 1
 
 
 @dataclass(frozen=True)
 class Idle:
     conns: int
+
+
+@dataclass(frozen=True)
+class IdleBroadcast:
+    """``conns`` subscribers of one channel held idle by ``conns / per_proc`` loadgen processes against
+    ``--workers`` workers sharing a Redis; RSS per connection; then ``broadcasts`` single publishes."""
+
+    what: str
+    conns: int
+    workers: int
+    per_proc: int  # connections per loadgen process (each may hold at most ~19,990 open files)
+    broadcasts: int = 1
+    ready_timeout: float = 240.0  # connecting + subscribing 100,000 on two shared cores takes a while
 
 
 @dataclass(frozen=True)
@@ -136,20 +165,67 @@ class Scenario(Generic[P]):
     measures: str  # what the scenario is for; the report's Load column is its params' ``what``
     run: Runner[P]
     params: Callable[[Sizes], P]
+    min_timeout: float = 0.0  # the scenario's cap is at least this (seconds), whatever --scenario-timeout
 
     async def __call__(self, cfg: Cfg, sizes: Sizes) -> Result:
         return await self.run(cfg, sizes, self.name, self.params(sizes))
 
 
 # --------------------------------------------------------------------------------------------- runners
+def redis_cpu(r: Result, srv: Server, before: Sample | None, after: Sample | None, n: int, unit: str) -> None:
+    """Redis's own CPU (redis-server's utime+stime) per ``unit`` into the CPU cell, a note and raw."""
+    if srv.redis is None or before is None or after is None:
+        return
+    txt, raw = cpu_per(before, after, n)
+    r.cpu += f"; Redis {txt.replace('op', unit)}"
+    stats_ = redis_cmdstats(srv)
+    ev = stats_.get("evalsha", {})
+    if ev.get("calls"):
+        r.cpu += f" ({ev['usec'] / max(n, 1):.1f} µs in the publish script)"
+    r.raw["redis_cpu"] = raw
+    r.raw["redis_cmdstats"] = stats_
+    top = sorted(stats_.items(), key=lambda kv: -kv[1].get("usec", 0))[:6]
+    calls = ", ".join(f"{k} {v.get('calls', 0):.0f} x {v.get('usec_per_call', 0):.1f} µs" for k, v in top)
+    r.notes.append(
+        f"Redis CPU = redis-server (pid {srv.redis.pid}) utime+stime over the same phase / {n:,} {unit}(s): "
+        f"{raw.get('cpu_s', 0):.2f} s (includes its network I/O and its idle timers, 10 ms resolution); "
+        "the script's own time is INFO commandstats evalsha usec / publications; top commands: " + calls
+    )
+
+
+def placement_note(r: Result, cfg: Cfg, srv: Server) -> None:
+    """Where the server side ran: workers and their CPUs, Redis."""
+    if srv.workers > 1:
+        cpus = {pid: sorted(os.sched_getaffinity(pid)) for pid in srv.worker_pids if _alive(pid)}
+        r.notes.append(
+            f"--workers {srv.workers}: worker pids and CPUs {cpus}; load generators/publisher/wrk on CPU "
+            f"{cfg.client_cpu}"
+            + (" (shared with a worker)" if any(cfg.client_cpu in c for c in cpus.values()) else "")
+        )
+    if srv.redis is not None:
+        r.notes.append(
+            f"broker: {srv.redis.url} (redis-server 7, no persistence, pid {srv.redis.pid}, "
+            f"CPU {sorted(os.sched_getaffinity(srv.redis.pid)) if srv.redis.pid else '?'})"
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.sched_getaffinity(pid)
+        return True
+    except OSError:
+        return False
+
+
 def commands(srv_cmd: str, lgs: Sequence[Loadgen], *others: str) -> list[str]:
     return [f"server: {srv_cmd}", *others, *(f"loadgen: {shlex.join(lg.argv)}" for lg in lgs)]
 
 
 async def fanout(cfg: Cfg, sz: Sizes, name: str, p: Fanout) -> Result:
     r = Result(name, p.what)
-    async with running_server(cfg, "memory") as srv:
+    async with running_server(cfg, p.broker, p.workers) as srv:
         try:
+            fd0 = fd_counts(srv)
             n = sz.subs
             procs = nprocs(n)
             mode = (
@@ -160,13 +236,14 @@ async def fanout(cfg: Cfg, sz: Sizes, name: str, p: Fanout) -> Result:
             dur = cfg.ready_timeout + sz.run_s + 15
             lgs, ready = await start_loadgens(cfg, srv, n, procs, [*mode, "--quiet", "2", *p.lg_extra], dur)
             ready_n = sum(int(x.get("subscribed" if not p.chatsocket else "connections", 0)) for x in ready)
-            before = snap(srv)
+            fd1 = fd_counts(srv)
+            before, rbefore = snap(srv), redis_sample(srv, reset=True)
             common = ["--host", cfg.target_host, "--port", str(srv.port), "--duration", f"{sz.run_s:g}"]
             if not p.chatsocket:
                 common += [*key_args(srv), "--channels", str(p.channels), "--channel-fmt", "bench:c{i}"]
             pub, pub_cmd = await run_publisher([*common, *p.pub_args], sz.run_s + 30)
             reps = await asyncio.gather(*(lg.finish(sz.run_s + 20) for lg in lgs))
-            after = snap(srv)
+            after, rafter = snap(srv), redis_sample(srv)
             m = stats.merge_loadgens(reps)
             # expected deliveries: every acknowledged publication times the subscribers of its channel
             if p.chatsocket:  # no acknowledgements in the demo protocol: every message sent must arrive
@@ -186,6 +263,10 @@ async def fanout(cfg: Cfg, sz: Sizes, name: str, p: Fanout) -> Result:
                 r.loss += f", gaps {m['gaps']}"
             r.latency = lat_str(m["latency_ms"])
             r.cpu = cpu_txt
+            redis_cpu(r, srv, rbefore, rafter, int(pub.get("published", 0)), "publish")
+            placement_note(r, cfg, srv)
+            if srv.workers > 1:
+                r.notes.append(f"connections per worker (open files held - before): {fd_delta(fd0, fd1)}")
             r.rss = rss_str(after)
             r.errors = err_str(m, {f"pub:{k}": v for k, v in pub.get("error_kinds", {}).items()})
             r.commands = [*commands(srv.cmd, lgs), f"publisher: {pub_cmd}"]
@@ -193,7 +274,7 @@ async def fanout(cfg: Cfg, sz: Sizes, name: str, p: Fanout) -> Result:
                 r.notes.append(f"{m['received_before_ready']:,} frames arrived before all clients were ready")
             if m["close_codes"]:
                 r.notes.append(f"close codes seen: {m['close_codes']}")
-            r.raw = {
+            r.raw |= {
                 "loadgen": reps,
                 "merged": m,
                 "publisher": pub,
@@ -274,6 +355,94 @@ async def idle(cfg: Cfg, sz: Sizes, name: str, p: Idle) -> Result:
     return r
 
 
+async def idle_broadcast(cfg: Cfg, sz: Sizes, name: str, p: IdleBroadcast) -> Result:
+    """Many idle subscribers over ``--workers`` workers: RSS per connection, then one broadcast to all."""
+    r = Result(name, p.what)
+    cfg = dataclasses.replace(cfg, ready_timeout=max(cfg.ready_timeout, p.ready_timeout))
+    async with running_server(cfg, "redis", p.workers) as srv:
+        await asyncio.sleep(1.0)
+        base, fd0 = worker_snap(srv), fd_counts(srv)
+        procs = max(2, math.ceil(p.conns / p.per_proc))
+        mode = ["--channels", "1", "--channel-fmt", "bench:c%d", "--per-offset", "--quiet", "5"]
+        mode += ["--max-pending", "1000"]
+        dur = cfg.ready_timeout + 60
+        t0 = asyncio.get_running_loop().time()
+        lgs, ready = await start_loadgens(cfg, srv, p.conns, procs, mode, dur)
+        t_ready = asyncio.get_running_loop().time() - t0
+        await asyncio.sleep(2.0)  # let the server settle
+        held, fd1 = worker_snap(srv), fd_counts(srv)
+        before, rbefore = snap(srv), redis_sample(srv, reset=True)
+        common = ["--host", cfg.target_host, "--port", str(srv.port), *key_args(srv)]
+        common += ["--channels", "1", "--channel-fmt", "bench:c{i}", "--mode", "http", "--concurrency", "1"]
+        common += ["--rate", "0.5", "--count", str(p.broadcasts), "--duration", f"{2.0 * p.broadcasts + 5:g}"]
+        pub, pub_cmd = await run_publisher(common, 2.0 * p.broadcasts + 40)
+        reps = await asyncio.gather(*(lg.finish(60) for lg in lgs))
+        after, rafter = snap(srv), redis_sample(srv)
+        m = stats.merge_loadgens(reps)
+        est, subs = m["established"], m["subscribed"]
+        b = stats.broadcasts(reps, subs, pub.get("first_offset"), pub.get("last_offset"))
+        expected = int(pub.get("published", 0)) * subs
+        lost = stats.loss(expected, m["received"], m["dups"])
+        per_conn = stats.kib_per_conn(base.rss_kib, held.rss_kib, est) if base and held else None
+        r.clients = (
+            f"{est:,} of {p.conns:,} established, {subs:,} subscribed ({procs} loadgen procs x "
+            f"<= {p.per_proc:,}, {procs * 8} source addresses); ready in {t_ready:.1f} s"
+        )
+        lat = b.latencies_ms
+        r.result = f"{len(b.complete)} of {len(b.offsets)} broadcast(s) reached all {subs:,} subscribers" + (
+            f"; last delivery {lat[-1]:.0f} ms after the publish was sent" if lat else ""
+        )
+        r.loss = f"{lost:,} of {expected:,}" + (f", dups {m['dups']}" if m["dups"] else "")
+        if b.incomplete:
+            r.loss += f"; incomplete broadcasts {b.incomplete[:10]} (receivers {dict(b.receivers)})"
+        r.latency = (
+            f"last subscriber {stats.nearest_rank(lat, 0.5):.0f} / {stats.nearest_rank(lat, 0.99):.0f} / "
+            f"{lat[-1]:.0f}; per delivery {lat_str(m['latency_ms'])}"
+            if lat
+            else "-"
+        )
+        cpu_txt, cpu_raw = cpu_per(before, after, m["received"])
+        r.cpu = cpu_txt.replace("op", "delivery")
+        redis_cpu(r, srv, rbefore, rafter, int(pub.get("published", 0)), "publish")
+        if per_conn is not None and base and held:
+            r.rss = (
+                f"{per_conn:.2f} KiB/conn (workers' VmRSS summed: {base.rss_kib / 1024:.0f} → "
+                f"{held.rss_kib / 1024:.0f} MiB)"
+            )
+            r.raw["rss_kib_per_conn"] = per_conn
+        r.errors = err_str(m, {f"pub:{k}": v for k, v in pub.get("error_kinds", {}).items()})
+        r.notes.append(
+            "RSS per connection = (sum of the workers' VmRSS with every connection subscribed and held, 2 s "
+            "after the last was ready - the same sum before the first connection) / established connections; "
+            "the supervisor is not counted (it holds no connection)"
+        )
+        r.notes.append(f"connections per worker (open files held - before): {fd_delta(fd0, fd1)}")
+        if after and held:
+            r.notes.append(
+                f"workers' VmRSS after the broadcast: {after.rss_kib / 1024:.0f} MiB (incl. supervisor)"
+            )
+        r.notes.append(
+            "time to last delivery = receive time of the last subscriber - the publisher's t (taken just "
+            "before the HTTP publish is sent), so it includes the publish request, the Lua script and Pub/Sub"
+        )
+        placement_note(r, cfg, srv)
+        if m["close_codes"]:
+            r.notes.append(f"close codes seen: {m['close_codes']}")
+        r.commands = [*commands(srv.cmd, lgs), f"publisher: {pub_cmd}"]
+        r.raw |= {
+            "loadgen": reps,
+            "merged": m,
+            "ready": ready,
+            "publisher": pub,
+            "server_cpu": cpu_raw,
+            "rss_base": base.as_dict() if base else None,
+            "rss_held": held.as_dict() if held else None,
+            "per_broadcast_ms": {str(o): b.worst_us.get(o, 0) / 1e3 for o in b.offsets},
+            "fds": {"before": fd0, "held": fd1},
+        }
+    return r
+
+
 async def storm(cfg: Cfg, sz: Sizes, name: str, p: Storm) -> Result:
     r = Result(name, f"{p.clients:,} clients connect at once, each recovers {p.msgs} messages")
     async with running_server(cfg, "memory") as srv:
@@ -322,12 +491,12 @@ async def publish_only(cfg: Cfg, sz: Sizes, name: str, p: PublishOnly) -> Result
     """Publishers only, no subscribers (one Python process tops out near 40,000 WebSocket messages/s each
     way, below the server's rate, hence ``procs``); acknowledged publications must be committed."""
     r = Result(name, p.what)
-    async with running_server(cfg, "sqlite") as srv:
-        before = snap(srv)
+    async with running_server(cfg, p.broker, p.workers) as srv:
+        before, rbefore = snap(srv), redis_sample(srv, reset=True)
         argv = [*p.args, "--host", cfg.target_host, "--port", str(srv.port), *key_args(srv)]
         argv += ["--duration", f"{sz.run_s:g}", "--channels", "10", "--channel-fmt", "bench:p{i}"]
         runs = await asyncio.gather(*(run_publisher(argv, sz.run_s + 30) for _ in range(p.procs)))
-        after = snap(srv)
+        after, rafter = snap(srv), redis_sample(srv)
         pubs = [pb for pb, _ in runs]
         pub = stats.merge_publishers(pubs)
         pub_cmd = runs[0][1] + (f"  (x{p.procs} at once)" if p.procs > 1 else "")
@@ -335,18 +504,20 @@ async def publish_only(cfg: Cfg, sz: Sizes, name: str, p: PublishOnly) -> Result
         cpu_txt, cpu_raw = cpu_per(before, after, published)
         r.clients = f"concurrency {pub.get('concurrency')}"
         r.result = f"{fmt_int(pub.get('rate', 0))} publishes/s ({fmt_int(published)} acknowledged)"
-        offs = await committed(cfg, srv, [f"bench:p{i}" for i in range(10)])
-        r.loss = committed_str(sum(offs.values()), published)
+        offs = await in_store(cfg, srv, [f"bench:p{i}" for i in range(10)])
+        r.loss = committed_str(sum(offs.values()), published, "in Redis" if srv.redis else "committed")
         if p.note:
             r.result += f" [{p.note}]"
             r.notes.append(p.note)
         ack = pub.get("ack_ms", {})
         r.latency = f"ack {ack.get('p50', 0):.1f} / {ack.get('p99', 0):.1f} / {ack.get('max', 0):.1f}"
         r.cpu = cpu_txt.replace("op", "publish")
+        redis_cpu(r, srv, rbefore, rafter, published, "publish")
+        placement_note(r, cfg, srv)
         r.rss = rss_str(after)
         r.errors = err_str(pub)
         r.commands = [f"server: {srv.cmd}", f"publisher: {pub_cmd}"]
-        r.raw = {"publisher": pubs, "server_cpu": cpu_raw, "committed": offs}
+        r.raw |= {"publisher": pubs, "server_cpu": cpu_raw, "committed": offs}
     return r
 
 
@@ -358,21 +529,21 @@ async def wrk_publish(cfg: Cfg, sz: Sizes, name: str, p: WrkPublish) -> Result:
             return await publish_only(cfg, sz, name, p.fallback)
         return Result(name, f"POST {p.path}", errors="skipped: needs wrk (not found or --no-wrk)")
     r = Result(name, p.what)
-    async with running_server(cfg, "sqlite") as srv:
+    async with running_server(cfg, p.broker, p.workers) as srv:
         with tempfile.TemporaryDirectory(prefix="tidings-wrk-") as tmp:
             body_txt = orjson.dumps(p.body).decode()
             script, lua = write_wrk_script(srv, Path(tmp), name, p.what, sz.run_s, p.path, body_txt)
             dur = math.ceil(sz.run_s) + 2  # publishing stops after run_s (in the script); 2 s to drain
             argv = [*taskset(cfg.client_cpu), wrk, "-t1", f"-c{p.conns}", f"-d{dur}s", "--timeout", "10s"]
             argv += ["-s", str(script), f"http://{cfg.target_host}:{srv.port}{p.path}"]
-            before = snap(srv)
+            before, rbefore = snap(srv), redis_sample(srv, reset=True)
             w, out = await run_wrk(argv, dur + 20)
-            after = snap(srv)
+            after, rafter = snap(srv), redis_sample(srv)
             if "error" in w:
                 r.errors = f"{w['error']} (rc {w.get('rc')}): {w.get('stderr', '')[-200:]}"
                 r.raw = {"wrk": w, "stdout": out}
                 return r
-            offs = await committed(cfg, srv, p.channels)
+            offs = await in_store(cfg, srv, p.channels)
             acked = int(w["ok"]) * p.pubs_per_req
             win = w["window_us"] / 1e6
             cpu_txt, cpu_raw = cpu_per(before, after, acked)
@@ -382,9 +553,11 @@ async def wrk_publish(cfg: Cfg, sz: Sizes, name: str, p: WrkPublish) -> Result:
             )
             if p.pubs_per_req > 1:
                 r.result += f"; {fmt_int(stats.rate(w['ok'], win))} requests/s"
-            r.loss = committed_str(sum(offs.values()), acked)
+            r.loss = committed_str(sum(offs.values()), acked, "in Redis" if srv.redis else "committed")
             r.latency = f"request {w['p50_us'] / 1e3:.1f} / {w['p99_us'] / 1e3:.1f} / {w['max_us'] / 1e3:.1f}"
             r.cpu = cpu_txt.replace("op", p.unit1)
+            redis_cpu(r, srv, rbefore, rafter, acked, p.unit1)
+            placement_note(r, cfg, srv)
             r.rss = rss_str(after)
             errs = {
                 "non2xx": int(w["non2xx"]),
@@ -402,13 +575,14 @@ async def wrk_publish(cfg: Cfg, sz: Sizes, name: str, p: WrkPublish) -> Result:
                 f"wrk's own Requests/sec ({w.get('requests_per_sec_wrk', 0):,.0f}) divides by its whole "
                 f"-d{dur}s; the rate above uses the publishing window (first request to last 2xx)"
             )
-            r.notes.append(f"history top offsets afterwards: {offs}")
+            src = "HGET <prefix>:{ch}:m t in Redis" if srv.redis else "history API"
+            r.notes.append(f"top offsets afterwards ({src}): {offs}")
             r.commands = [
                 f"server: {srv.cmd}",
                 f"wrk: {shlex.join(argv)}",
                 f"  body ({len(body_txt)} bytes): {body_txt[:160]}{'...' if len(body_txt) > 160 else ''}",
             ]
-            r.raw = {"wrk": w, "committed": offs, "acknowledged": acked, "server_cpu": cpu_raw, "lua": lua}
+            r.raw |= {"wrk": w, "committed": offs, "acknowledged": acked, "server_cpu": cpu_raw, "lua": lua}
     return r
 
 
@@ -434,27 +608,40 @@ async def echo(cfg: Cfg, sz: Sizes, name: str, p: Echo) -> Result:
 
 
 # --------------------------------------------------------------------------------------------- the table
-def _http_fanout(rate: str, concurrency: int, what: str) -> Fanout:
+def _http_fanout(rate: str, concurrency: int, what: str, broker: str = "memory") -> Fanout:
     args = ["--mode", "http", "--rate", rate, "--concurrency", str(concurrency)]
-    return Fanout(what, channels=1, pub_args=args)
+    return Fanout(what + _on(broker), channels=1, pub_args=args, broker=broker)
 
 
-def _broadcast(s: Sizes) -> Fanout:
+def _on(broker: str, workers: int = 1) -> str:
+    """The Load column's suffix naming the broker (and workers) when it is not the scenario default."""
+    w = f", --workers {workers}" if workers > 1 else ""
+    return {"memory": "", "sqlite": ", SQLite broker", "redis": ", Redis broker"}[broker] + w
+
+
+def _broadcast(s: Sizes, broker: str = "memory", workers: int = 1) -> Fanout:
     count = max(1, round(s.run_s / s.broadcast_interval))
     args = ["--mode", "http", "--rate", f"{1.0 / s.broadcast_interval:g}", "--concurrency", "1"]
     return Fanout(
         f"{count} single HTTP publishes to 1 channel, one every {s.broadcast_interval * 1e3:g} ms "
-        "(no overlap); latency = until the last subscriber got it",
+        "(no overlap); latency = until the last subscriber got it" + _on(broker, workers),
         channels=1,
         pub_args=[*args, "--count", str(count)],
         lg_extra=("--per-offset",),
+        broker=broker,
+        workers=workers,
     )
 
 
-def _http_publish(s: Sizes) -> WrkPublish:
+def _broker_name(broker: str) -> str:
+    return "broker default (SQLite)" if broker == "sqlite" else "Redis broker"
+
+
+def _http_publish(s: Sizes, broker: str = "sqlite", workers: int = 1) -> WrkPublish:
     c = s.http_concurrency
+    w = f", --workers {workers}" if workers > 1 else ""
     return WrkPublish(
-        f"POST /api/publish to 1 channel, {c} concurrent keep-alive (wrk), broker default (SQLite)",
+        f"POST /api/publish to 1 channel, {c} concurrent keep-alive (wrk), {_broker_name(broker)}{w}",
         path="/api/publish",
         body=pub_body("bench:c0"),
         conns=c,
@@ -463,17 +650,22 @@ def _http_publish(s: Sizes) -> WrkPublish:
         unit="publishes",
         unit1="publish",
         fallback=PublishOnly(
-            f"POST /api/publish, {c} concurrent keep-alive, broker default (SQLite)",
+            f"POST /api/publish, {c} concurrent keep-alive, {_broker_name(broker)}{w}",
             ["--mode", "http", "--concurrency", str(c)],
             note="Python publisher (wrk not found or --no-wrk): client-bound, below the server's rate",
+            broker=broker,
+            workers=workers,
         ),
+        broker=broker,
+        workers=workers,
     )
 
 
-def _http_batch(s: Sizes) -> WrkPublish:
+def _http_batch(s: Sizes, broker: str = "sqlite", workers: int = 1) -> WrkPublish:
+    w = f", --workers {workers}" if workers > 1 else ""
     return WrkPublish(
         f"POST /api/batch, {s.batch_size} publications per request over 10 channels, "
-        f"{s.batch_conns} concurrent keep-alive (wrk), broker default (SQLite)",
+        f"{s.batch_conns} concurrent keep-alive (wrk), {_broker_name(broker)}{w}",
         path="/api/batch",
         body={"publications": [pub_body(f"bench:c{i % 10}") for i in range(s.batch_size)]},
         conns=s.batch_conns,
@@ -481,6 +673,33 @@ def _http_batch(s: Sizes) -> WrkPublish:
         channels=[f"bench:c{i}" for i in range(10)],
         unit="publications",
         unit1="publication",
+        broker=broker,
+        workers=workers,
+    )
+
+
+def _ws_publish(s: Sizes, broker: str = "sqlite", workers: int = 1) -> PublishOnly:
+    # with several workers each publisher process opens 2 sockets, so that both workers get some
+    conns = 2 if workers > 1 else 1
+    w = f", --workers {workers}" if workers > 1 else ""
+    return PublishOnly(
+        f"/ws publish commands, 2 publisher processes x {conns} socket(s) x {s.ws_window} in flight, "
+        f"{_broker_name(broker)}{w}",
+        ["--mode", "ws", "--window", str(s.ws_window), "--connections", str(conns)],
+        procs=2,
+        broker=broker,
+        workers=workers,
+    )
+
+
+def _idle_100k(s: Sizes) -> IdleBroadcast:
+    n = s.idle_big
+    return IdleBroadcast(
+        f"{n:,} idle subscribers of 1 channel, --workers {s.idle_big_workers}, Redis broker; then 1 HTTP "
+        "publish to all",
+        conns=n,
+        workers=s.idle_big_workers,
+        per_proc=18_000,
     )
 
 
@@ -577,6 +796,100 @@ SCENARIOS: tuple[Scenario[Any], ...] = (
             pub_args=["--mode", "chatsocket", "--rate", f"{s.rate_1ch:g}"],
             chatsocket=True,
         ),
+    ),
+    # ---- issue 10: the Redis broker and --workers (docs/scaling.md "Benchmarks")
+    Scenario(
+        "fanout-1ch-rate-sqlite",
+        "fanout-1ch-rate with the SQLite broker: the baseline of fanout-1ch-rate-redis",
+        fanout,
+        lambda s: _http_fanout(
+            f"{s.rate_1ch:g}", 4, f"HTTP publish at {s.rate_1ch:g}/s to 1 channel", "sqlite"
+        ),
+    ),
+    Scenario(
+        "fanout-1ch-rate-redis",
+        "the same with the Redis broker: a publication crosses Redis once, the fan-out stays local",
+        fanout,
+        lambda s: _http_fanout(
+            f"{s.rate_1ch:g}", 4, f"HTTP publish at {s.rate_1ch:g}/s to 1 channel", "redis"
+        ),
+    ),
+    Scenario(
+        "fanout-1ch-sat-sqlite",
+        "fanout-1ch-sat with the SQLite broker",
+        fanout,
+        lambda s: _http_fanout(
+            "0",
+            s.sat_concurrency,
+            f"HTTP publish saturating ({s.sat_concurrency} in flight) to 1 channel",
+            "sqlite",
+        ),
+    ),
+    Scenario(
+        "fanout-1ch-sat-redis",
+        "fanout-1ch-sat with the Redis broker",
+        fanout,
+        lambda s: _http_fanout(
+            "0",
+            s.sat_concurrency,
+            f"HTTP publish saturating ({s.sat_concurrency} in flight) to 1 channel",
+            "redis",
+        ),
+    ),
+    Scenario(
+        "http-publish-redis",
+        "HTTP publishes/s with Redis, acknowledged = in Redis",
+        wrk_publish,
+        lambda s: _http_publish(s, "redis"),
+    ),
+    Scenario(
+        "http-publish-redis-w2",
+        "the same with --workers 2",
+        wrk_publish,
+        lambda s: _http_publish(s, "redis", 2),
+    ),
+    Scenario(
+        "http-batch-redis",
+        "publications/s through POST /api/batch with Redis, acknowledged = in Redis",
+        wrk_publish,
+        lambda s: _http_batch(s, "redis"),
+    ),
+    Scenario(
+        "http-batch-redis-w2",
+        "the same with --workers 2",
+        wrk_publish,
+        lambda s: _http_batch(s, "redis", 2),
+    ),
+    Scenario(
+        "ws-publish-redis",
+        "publishes/s through /ws publish commands with Redis, acknowledged = in Redis",
+        publish_only,
+        lambda s: _ws_publish(s, "redis"),
+    ),
+    Scenario(
+        "ws-publish-redis-w2",
+        "the same with --workers 2",
+        publish_only,
+        lambda s: _ws_publish(s, "redis", 2),
+    ),
+    Scenario(
+        "idle-100k-w6",
+        "server RSS per connection with 100,000 subscribers over 6 workers, then one broadcast to all",
+        idle_broadcast,
+        _idle_100k,
+        min_timeout=420.0,
+    ),
+    Scenario(
+        "fanout-broadcast-redis-w1",
+        "fanout-broadcast with the Redis broker, one worker",
+        broadcast,
+        lambda s: _broadcast(s, "redis", 1),
+    ),
+    Scenario(
+        "fanout-broadcast-redis-w2",
+        "the same over 2 workers (the second shares the clients' CPU)",
+        broadcast,
+        lambda s: _broadcast(s, "redis", 2),
     ),
 )
 BY_NAME: dict[str, Scenario[Any]] = {sc.name: sc for sc in SCENARIOS}

@@ -49,3 +49,32 @@ def test_wrk_script_is_filled_in_and_keeps_the_key_out(tmp_path: Path) -> None:
     assert "secret-key-123" not in lua
     assert (tmp_path / "api-key").read_text() == "secret-key-123\n"
     assert not re.search(r"@[a-z_]+", lua.split("\n", 1)[1])  # no placeholder left
+
+
+def test_cpu_split_reads_busy_idle_and_steal_shares() -> None:
+    from bench.cli import cpu_split
+
+    # user nice system idle iowait irq softirq steal
+    a = [100, 0, 50, 1000, 0, 0, 0, 10]
+    b = [160, 0, 70, 1100, 0, 0, 10, 30]  # +60 user, +20 system, +100 idle, +10 softirq, +20 steal
+    assert cpu_split(a, b) == "busy 43%, idle 48%, steal 10%"
+    assert cpu_split([], b) == "?"
+
+
+def test_the_loss_column_says_where_acknowledged_publications_were_found() -> None:
+    from bench.report import committed_str
+
+    assert committed_str(5, 5) == "committed = acknowledged (5)"
+    assert committed_str(5, 5, "in Redis") == "in Redis = acknowledged (5)"
+    assert committed_str(4, 5, "in Redis") == "MISMATCH: in Redis 4, acknowledged 5"
+
+
+def test_redis_and_workers_scenarios_ask_for_them() -> None:
+    p = scenarios.BY_NAME["http-batch-redis-w2"].params(scenarios.FULL)
+    assert isinstance(p, scenarios.WrkPublish) and (p.broker, p.workers) == ("redis", 2)
+    b = scenarios.BY_NAME["fanout-broadcast-redis-w2"].params(scenarios.FULL)
+    assert isinstance(b, scenarios.Fanout) and (b.broker, b.workers) == ("redis", 2)
+    big = scenarios.BY_NAME["idle-100k-w6"]
+    i = big.params(scenarios.FULL)
+    assert isinstance(i, scenarios.IdleBroadcast) and (i.conns, i.workers) == (100_000, 6)
+    assert i.per_proc < 20_000 and big.min_timeout > i.ready_timeout
