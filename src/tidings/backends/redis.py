@@ -590,21 +590,10 @@ class RedisBroker:
         out: PublishResult = []
         replies = [rep for call in replies for rep in call]
         for r, pid, rep in zip(reqs, ids, replies, strict=True):
-            if rep[0] == 1:
-                offset, epoch, first_id = rep[1].split(b"\0")
-                out.append(Repeat(r.channel, int(offset), epoch.decode(), first_id.decode()))
-            else:
-                pub = Publication(
-                    r.channel,
-                    int(rep[1]),
-                    rep[2].decode(),
-                    pid,
-                    int(rep[3]),
-                    raw=r.raw,
-                    raw_info=r.raw_info,
-                )
-                self._note_acked(pub)
-                out.append(pub)
+            result = _publish_reply(r, pid, rep)
+            if isinstance(result, Publication):
+                self._note_acked(result)
+            out.append(result)
         return out
 
     def _note_acked(self, pub: Publication) -> None:
@@ -990,6 +979,17 @@ class RedisBroker:
                     chan.state = "repair"
                     assert self._loop is not None
                     self._loop.create_task(self._repair(ch, chan))
+
+
+def _publish_reply(r: PublishRequest, pid: str, rep: list[Any]) -> Publication | Repeat:
+    """What ``_PUBLISH`` answered for request ``r`` (publication id ``pid``): ``{0, offset, epoch, ms}``,
+    or ``{1, "<offset> <epoch> <id>"}`` (NUL-separated) for an idempotency key seen before."""
+    if rep[0] == 1:
+        offset, epoch, first_id = rep[1].split(b"\0")
+        return Repeat(r.channel, int(offset), epoch.decode(), first_id.decode())
+    return Publication(
+        r.channel, int(rep[1]), rep[2].decode(), pid, int(rep[3]), raw=r.raw, raw_info=r.raw_info
+    )
 
 
 def _text(value: bytes | str) -> str:

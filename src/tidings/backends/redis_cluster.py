@@ -51,6 +51,7 @@ from .redis import (
     RedisTarget,
     _answer,
     _entry,
+    _publish_reply,
     _text,
 )
 
@@ -370,23 +371,7 @@ class RedisClusterBroker(RedisBroker):
             todo.sort()
         results: list[Publication | Repeat | BrokerError] = []
         for r, pid, rep in zip(reqs, ids, out, strict=True):
-            if isinstance(rep, BrokerError):
-                results.append(rep)
-            elif rep[0] == 1:
-                offset, epoch, first_id = rep[1].split(b"\0")
-                results.append(Repeat(r.channel, int(offset), epoch.decode(), first_id.decode()))
-            else:
-                results.append(
-                    Publication(
-                        r.channel,
-                        int(rep[1]),
-                        rep[2].decode(),
-                        pid,
-                        int(rep[3]),
-                        raw=r.raw,
-                        raw_info=r.raw_info,
-                    )
-                )
+            results.append(rep if isinstance(rep, BrokerError) else _publish_reply(r, pid, rep))
         return results
 
     async def _node_publish(
