@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -144,6 +144,22 @@ class Node(ServeProcess):
                             if r.status == 200:
                                 return
                     await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running_nodes(
+    tmp: Path, broker: str, names: Sequence[str] = ("a", "b"), **settings: str
+) -> AsyncIterator[list[Node]]:
+    """Nodes ``names`` on ``broker``, all started at once and ready; each stopped (by its PID) on exit."""
+    started = [Node(tmp, broker, name, **settings) for name in names]
+    try:
+        async with aiohttp.ClientSession() as s:
+            for n in started:
+                await n.ready(s)
+        yield started
+    finally:
+        for n in started:
+            n.stop()
 
 
 _LISTENING = re.compile(r"(\d+) workers \(pids ([\d ]+)\) listening on http://127\.0\.0\.1:(\d+)")

@@ -27,7 +27,7 @@ from tidings.client import Client
 
 from .browser_helpers import PlaywrightError, Watch, chromium
 from .ledger import Delivered, Flagged, Ledger, collect, gap_recorder, publisher, until
-from .serve_process import Node
+from .serve_process import Node, running_nodes
 from .tcp_balancer import TcpBalancer
 
 if TYPE_CHECKING:
@@ -39,14 +39,8 @@ RATE = 50  # publications per second, round-robin over CHANNELS
 
 @pytest.fixture
 async def two_nodes(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[Node, Node]]:
-    a, b = Node(tmp_path, redis_url, "a"), Node(tmp_path, redis_url, "b")
-    try:
-        await a.ready()
-        await b.ready()
+    async with running_nodes(tmp_path, redis_url) as (a, b):
         yield a, b
-    finally:
-        for n in (a, b):
-            n.stop()
 
 
 @pytest.mark.timeout(90)

@@ -24,7 +24,7 @@ from tidings.protocol import new_publication_id
 from .conftest import API_KEY, Probe, ProbeFactory, ServerFactory
 from .ledger import Delivered, Flagged, Ledger, collect, gap_recorder, publisher, until
 from .redis_servers import RedisServer
-from .serve_process import Node
+from .serve_process import Node, running_nodes
 
 __all__ = ["Node"]  # re-exported: other tests import Node from here
 
@@ -33,15 +33,8 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 @pytest.fixture
 async def nodes(tmp_path: Path, redis_url: str) -> AsyncIterator[list[Node]]:
-    started = [Node(tmp_path, redis_url, name) for name in ("a", "b")]
-    try:
-        async with aiohttp.ClientSession() as s:
-            for n in started:
-                await n.ready(s)
+    async with running_nodes(tmp_path, redis_url) as started:
         yield started
-    finally:
-        for n in started:
-            n.stop()
 
 
 async def http_publish(s: aiohttp.ClientSession, base: str, channel: str, data: Any) -> tuple[int, Any]:

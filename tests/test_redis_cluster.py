@@ -22,6 +22,7 @@ from tidings.config import Namespace
 
 from .conftest import Probe, ServerFactory
 from .redis_servers import RedisCluster, RedisServer
+from .serve_process import running_nodes
 from .test_redis import AUTH, Node, http_publish, open_probe
 
 
@@ -100,15 +101,8 @@ async def test_an_unreachable_cluster_is_a_clear_broker_error() -> None:
 
 @pytest.fixture
 async def cluster_nodes(tmp_path: Path, redis_cluster: RedisCluster) -> AsyncIterator[list[Node]]:
-    started = [Node(tmp_path, redis_cluster.url, name) for name in ("a", "b")]
-    try:
-        async with aiohttp.ClientSession() as s:
-            for n in started:
-                await n.ready(s)
+    async with running_nodes(tmp_path, redis_cluster.url) as started:
         yield started
-    finally:
-        for n in started:
-            n.stop()
 
 
 @pytest.mark.timeout(60)

@@ -21,6 +21,7 @@ from tidings.backends.redis_presence import RedisPresence
 
 from .conftest import API_KEY, Probe, ProbeFactory, ServerFactory
 from .redis_servers import RedisCluster, RedisServer
+from .serve_process import running_nodes
 from .test_redis import Node, open_probe
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -31,15 +32,8 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture
 async def nodes(tmp_path: Path, redis_url: str) -> AsyncIterator[list[Node]]:
-    started = [Node(tmp_path, redis_url, name, presence_ttl=str(TTL)) for name in ("a", "b")]
-    try:
-        async with aiohttp.ClientSession() as s:
-            for n in started:
-                await n.ready(s)
+    async with running_nodes(tmp_path, redis_url, presence_ttl=str(TTL)) as started:
         yield started
-    finally:
-        for n in started:
-            n.stop()
 
 
 async def api(s: aiohttp.ClientSession, base: str, path: str) -> tuple[int, Any]:
