@@ -5,6 +5,7 @@ comes from ``FAKE_WORKERS="1=ok,2=crash"``:
 
 * ``ok``: ready, then waits for SIGTERM/SIGINT and exits 0.
 * ``fail``: exits 2 before it is ready, with a one-line error (a start-up error).
+* ``fail-after-peers``: the same, once every worker of the run has logged its start.
 * ``crash``: ready, exits 3 after ``FAKE_CRASH_AFTER`` seconds (every time it is started).
 * ``crash-once``: like ``crash`` the first time (marked by the file ``FAKE_MARK``), then ``ok``.
 * ``stubborn``: ready, ignores SIGTERM and SIGINT (only SIGKILL ends it).
@@ -48,6 +49,12 @@ def main() -> int:
             return EXIT_BROKER_UNAVAILABLE
         else:
             mode = "ok"
+    if mode == "fail-after-peers":  # fails once every worker started (logged): none is stopped unstarted
+        deadline = time.monotonic() + 10
+        log_path = Path(os.environ["FAKE_LOG"])
+        while len(log_path.read_text().splitlines()) < info.count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        mode = "fail"
     if mode == "fail":
         print(f"tidings: fake start-up error in worker {info.index}", file=sys.stderr)
         return 2

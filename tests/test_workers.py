@@ -264,7 +264,7 @@ def test_supervisor_start_failure_is_reported_once(tmp_path: Path, capfd: pytest
 
 
 def test_supervisor_start_failure_of_a_later_worker_stops_the_others(tmp_path: Path) -> None:
-    fake = Fake(tmp_path, "3=fail", count=3)
+    fake = Fake(tmp_path, "3=fail-after-peers", count=3)
     assert fake.sup.run() == 2
     assert sorted(i for i, _ in fake.starts()) == [1, 2, 3]
     assert all(gone(pid) for _, pid in fake.starts())

@@ -64,9 +64,13 @@ try:
         SentinelManagedConnection,
         SentinelManagedSSLConnection,
     )
-    from redis.exceptions import NoScriptError, RedisError
+    from redis.exceptions import NoScriptError, RedisError, ResponseError
 except ImportError:  # pragma: no cover - the extra is not installed
     aioredis = None  # type: ignore[assignment]
+try:
+    from hiredis import pack_command as _pack
+except ImportError:  # pragma: no cover - redis-py without hiredis packs in Python
+    _pack = None  # type: ignore[assignment]
 
 
 class WaitError(RedisError if aioredis is not None else Exception):  # type: ignore[misc]
@@ -77,10 +81,15 @@ __all__ = ["RedisBroker", "RedisTarget"]
 
 log = logging.getLogger("tidings.redis")
 
+# One script call publishes up to PUBLISH_PER_CALL publications, in order, one reply each. Per publication:
 # KEYS: meta, stream, idempotency key (meta again when there is none), the shared epoch0, the channel's
 #       in-memory marker
 # ARGV: data, info ('' = none), id, size, ttl ms, meta ttl ms, a fresh epoch (epoch0 when it is gone),
 #       key? ('1'/''), key window ms, pubsub channel, epoch0 ttl ms, durable? ('1' = appendfsync always)
+# What is the same for every publication of a channel in the call (its epoch, the marker, the TTLs, the
+# expiry of old head entries) is done once per channel; per publication it is the idempotency check, the
+# offset increment, XADD and PUBLISH. (Run per publication, that shared part was most of Redis's CPU:
+# bench/results/2026-12-03-redis-script.md.)
 # A new stream starts in epoch0, the epoch every node reads a never-published channel in; when Redis lost
 # epoch0 (restarted empty), a fresh one is made here, so a recreated stream never reuses an old epoch.
 # The marker is written with replication off, so it is in no AOF and on no replica: a channel that has
@@ -88,80 +97,80 @@ log = logging.getLogger("tidings.redis")
 # which may have come back behind what it acknowledged (AOF everysec after a machine crash, RDB, an
 # asynchronous replica). Unless Redis fsyncs every write, such a channel goes on in a fresh epoch, so no
 # offset is ever reused within an epoch and every client positioned in the old one is told.
+# Replies: {0, offset, epoch, ms}, or {1, "<offset>\0<epoch>\0<id>"} for an idempotency key seen before.
 _PUBLISH = """
-if ARGV[8] == '1' then
-  local hit = redis.call('GET', KEYS[3])
-  if hit then return {1, hit} end
-end
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = redis.call('GET', KEYS[4])
-  if not epoch then
-    epoch = ARGV[7]
-    redis.call('SET', KEYS[4], epoch, 'PX', ARGV[11])
-  end
-  redis.call('HSET', KEYS[1], 'e', epoch)
-elseif ARGV[12] ~= '1' and redis.call('EXISTS', KEYS[5]) == 0 then
-  epoch = ARGV[7]
-  redis.call('HSET', KEYS[1], 'e', epoch)
-end
-redis.set_repl(redis.REPL_NONE)
-redis.call('SET', KEYS[5], '1', 'PX', ARGV[6])
-redis.set_repl(redis.REPL_ALL)
-local top = redis.call('HINCRBY', KEYS[1], 't', 1)
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local size = tonumber(ARGV[4])
-local ttl = tonumber(ARGV[5])
-if size > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', size, top .. '-1',
-             'd', ARGV[1], 'i', ARGV[2], 'id', ARGV[3], 't', ms)
-  redis.call('PEXPIRE', KEYS[2], ttl)
-  -- the head entry alone first: reading 64 entries into Lua on every publish cost ~340 us of Redis CPU
-  local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-  if head[1] and tonumber(head[1][2][8]) < ms - ttl then
-    head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 64)
-    local keep = nil
-    for _, e in ipairs(head) do
-      if tonumber(e[2][8]) >= ms - ttl then keep = e[1]; break end
-    end
-    if keep then redis.call('XTRIM', KEYS[2], 'MINID', keep) end
-  end
-else
-  redis.call('DEL', KEYS[2])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
 local z = '\\0'
-redis.call('PUBLISH', ARGV[10],
-           'p' .. top .. z .. epoch .. z .. ARGV[3] .. z .. ms .. z .. ARGV[2] .. z .. ARGV[1])
-if ARGV[8] == '1' then
-  redis.call('SET', KEYS[3], top .. '\\0' .. epoch .. '\\0' .. ARGV[3], 'PX', ARGV[9])
-end
-return {0, top, epoch, ms}
-"""
-
-# KEYS: meta, stream, epoch0. ARGV: from offset ('' = the newest), limit (-1 = all), size, ttl ms.
-# Returns {epoch0} for a channel without a stream, else {epoch, top, first retained offset, entries}.
-
-# Many publications in one script call: ``_PUBLISH`` as a function over each one's 5 keys and 12
-# arguments, one reply each. Most of Redis's CPU per publication was the EVALSHA itself (the commands
-# inside are ~10 µs), so a group of publications shares one. Not on Redis Cluster (keys of many slots).
-_PUBLISH_MANY = (
-    "local function publish_one(KEYS, ARGV)\n"
-    + _PUBLISH
-    + """end
-local out = {}
+local chans, order, out = {}, {}, {}
 for i = 0, #KEYS / 5 - 1 do
-  local k, a = {}, {}
-  for j = 1, 5 do k[j] = KEYS[i * 5 + j] end
-  for j = 1, 12 do a[j] = ARGV[i * 12 + j] end
-  out[i + 1] = publish_one(k, a)
+  local k, a = i * 5, i * 12
+  local meta = KEYS[k + 1]
+  local keyed = ARGV[a + 8] == '1'
+  local hit = keyed and redis.call('GET', KEYS[k + 3])
+  if hit then
+    out[i + 1] = {1, hit}
+  else
+    local c = chans[meta]
+    if not c then
+      local epoch = redis.call('HGET', meta, 'e')
+      if not epoch then
+        epoch = redis.call('GET', KEYS[k + 4])
+        if not epoch then
+          epoch = ARGV[a + 7]
+          redis.call('SET', KEYS[k + 4], epoch, 'PX', ARGV[a + 11])
+        end
+        redis.call('HSET', meta, 'e', epoch)
+      elseif ARGV[a + 12] ~= '1' and redis.call('EXISTS', KEYS[k + 5]) == 0 then
+        epoch = ARGV[a + 7]
+        redis.call('HSET', meta, 'e', epoch)
+      end
+      redis.set_repl(redis.REPL_NONE)
+      redis.call('SET', KEYS[k + 5], '1', 'PX', ARGV[a + 6])
+      redis.set_repl(redis.REPL_ALL)
+      c = {epoch = epoch, stream = KEYS[k + 2], size = tonumber(ARGV[a + 4]),
+           ttl = tonumber(ARGV[a + 5]), mttl = ARGV[a + 6]}
+      chans[meta] = c
+      order[#order + 1] = meta
+    end
+    local top = redis.call('HINCRBY', meta, 't', 1)
+    if c.size > 0 then
+      redis.call('XADD', c.stream, 'MAXLEN', '~', c.size, top .. '-1',
+                 'd', ARGV[a + 1], 'i', ARGV[a + 2], 'id', ARGV[a + 3], 't', ms)
+    end
+    redis.call('PUBLISH', ARGV[a + 10], 'p' .. top .. z .. c.epoch .. z .. ARGV[a + 3] .. z .. ms
+               .. z .. ARGV[a + 2] .. z .. ARGV[a + 1])
+    if keyed then
+      redis.call('SET', KEYS[k + 3], top .. z .. c.epoch .. z .. ARGV[a + 3], 'PX', ARGV[a + 9])
+    end
+    out[i + 1] = {0, top, c.epoch, ms}
+  end
+end
+for _, meta in ipairs(order) do
+  local c = chans[meta]
+  if c.size > 0 then
+    redis.call('PEXPIRE', c.stream, c.ttl)
+    -- the head entry alone first: reading 64 entries into Lua on every publish cost ~340 us of Redis CPU
+    local head = redis.call('XRANGE', c.stream, '-', '+', 'COUNT', 1)
+    if head[1] and tonumber(head[1][2][8]) < ms - c.ttl then
+      head = redis.call('XRANGE', c.stream, '-', '+', 'COUNT', 64)
+      local keep = nil
+      for _, e in ipairs(head) do
+        if tonumber(e[2][8]) >= ms - c.ttl then keep = e[1]; break end
+      end
+      if keep then redis.call('XTRIM', c.stream, 'MINID', keep) end
+    end
+  else
+    redis.call('DEL', c.stream)
+  end
+  redis.call('PEXPIRE', meta, c.mttl)
 end
 return out
 """
-)
-PUBLISH_PER_CALL = 64  # publications per _PUBLISH_MANY call (keeps each call's run short)
+PUBLISH_PER_CALL = 64  # publications per _PUBLISH call (keeps each call's run short)
 
+# KEYS: meta, stream, epoch0. ARGV: from offset ('' = the newest), limit (-1 = all), size, ttl ms.
+# Returns {epoch0} for a channel without a stream, else {epoch, top, first retained offset, entries}.
 _READ = """
 local m = redis.call('HMGET', KEYS[1], 'e', 't')
 if not m[1] then return {redis.call('GET', KEYS[3])} end
@@ -323,7 +332,6 @@ class RedisBroker:
         self._client: Any = self._make_client()
         self._shards = [_Shard(i) for i in range(max(1, pubsub_shards))]
         self._sha_publish = ""
-        self._sha_publish_many = ""
         self._sha_read = ""
         self._epoch0 = secrets.token_hex(4)
         self._durable = False  # Redis fsyncs its AOF before it answers (appendfsync always)
@@ -452,7 +460,6 @@ class RedisBroker:
 
     async def _load_scripts(self) -> None:
         self._sha_publish = _text(await self._client.script_load(_PUBLISH))
-        self._sha_publish_many = _text(await self._client.script_load(_PUBLISH_MANY))
         self._sha_read = _text(await self._client.script_load(_READ))
 
     @property
@@ -561,21 +568,24 @@ class RedisBroker:
 
     async def _run_publish(self, reqs: list[PublishRequest]) -> PublishResult:
         ids = [new_publication_id() for _ in reqs]
+        calls: list[tuple[list[Any], list[Any]]] = []
+        for start in range(0, len(reqs), PUBLISH_PER_CALL):
+            keys: list[Any] = []
+            args: list[Any] = []
+            for r, pid in zip(reqs[start : start + PUBLISH_PER_CALL], ids[start:], strict=False):
+                argv = self._publish_argv(r, pid)
+                keys += argv[1:6]
+                args += argv[6:]
+            calls.append((keys, args))
         for attempt in (0, 1):
-            pipe = self._client.pipeline(transaction=False)
-            for start in range(0, len(reqs), PUBLISH_PER_CALL):
-                keys: list[Any] = []
-                args: list[Any] = []
-                for r, pid in zip(reqs[start : start + PUBLISH_PER_CALL], ids[start:], strict=False):
-                    argv = self._publish_argv(r, pid)
-                    keys += argv[1:6]
-                    args += argv[6:]
-                pipe.evalsha(self._sha_publish_many, len(keys), *keys, *args)
+            cmds: list[tuple[Any, ...]] = [
+                ("EVALSHA", self._sha_publish, len(keys), *keys, *args) for keys, args in calls
+            ]
             if self.wait_replicas:
                 # Same connection, after the writes: acknowledged only once N replicas have them.
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                cmds.append(("WAIT", self.wait_replicas, self.wait_timeout_ms))
             try:
-                replies = await pipe.execute()
+                replies = await self._pipeline(cmds)
                 break
             except NoScriptError:
                 if attempt:
@@ -595,6 +605,36 @@ class RedisBroker:
                 self._note_acked(result)
             out.append(result)
         return out
+
+    async def _pipeline(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``cmds`` in one write on one pooled connection and read every reply (a non-transactional
+        pipeline). Not redis-py's Pipeline: its command packer copies the growing buffer once per argument
+        (quadratic in a script call's ~1,100 arguments: most of this process's CPU per publication);
+        hiredis packs in C. A reply that is an error raises after every reply was read (the connection
+        stays in step); any other failure drops the connection."""
+        pool = self._client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            packed = conn.pack_commands(cmds) if _pack is None else [_pack(cmd) for cmd in cmds]
+            await conn.send_packed_command(packed, check_health=False)
+            replies: list[Any] = []
+            error: Exception | None = None
+            for _ in cmds:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    error = error or exc
+                    replies.append(exc)
+            if error is not None:
+                raise error
+            return replies
+        except ResponseError:
+            raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
     def _note_acked(self, pub: Publication) -> None:
         """Remember the newest acknowledged offset per channel; one that did not grow in the same epoch

@@ -352,7 +352,7 @@ class RedisClusterBroker(RedisBroker):
                             res if isinstance(res, BrokerError) else BrokerError(f"redis unavailable: {res}")
                         )
                     else:
-                        out[i] = res
+                        out[i] = res[0]  # the script's one reply (one publication per call here)
             if todo and loop.time() >= deadline:
                 for i in todo:
                     out[i] = BrokerError("redis unavailable: the cluster did not take it in time")
