@@ -107,7 +107,7 @@ def _app_routes(tmp_path: Path) -> set[tuple[str, str]]:
         if route.resource is None or route.method == "HEAD":  # aiohttp adds HEAD to every GET
             continue
         path = route.resource.canonical
-        if path.startswith("/api/") or path == "/healthz":
+        if path.startswith("/api/") or path in ("/healthz", "/readyz"):
             out.add((route.method.lower(), path))
     return out
 
@@ -270,6 +270,7 @@ async def test_real_responses_match_openapi(
     assert body["channels"] == [{"channel": "chat:lobby", "subscribers": 1}]
     await call("post", pub, pub, 200, json_body={"channel": "pub:x", "data": 1}, headers=api_headers(PUB_KEY))
     body = await call("get", health, health, 200, headers={})
+    assert await call("get", "/readyz", "/readyz", 200, headers={}) == {"status": "ready"}
     assert body["connections"] == 1
 
     # Errors.

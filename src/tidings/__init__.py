@@ -1,6 +1,12 @@
 """tidings: a self-hosted real-time push and chat server."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("tidings")  # one place: pyproject.toml's version, via the installed metadata
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 from .app import create_app
 from .client import (

@@ -68,6 +68,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
         gc.freeze()  # start-up objects never need scanning again
 
     async def on_shutdown(app: web.Application) -> None:
+        node.draining = True
         heartbeat.stop()
         for conn in list(node.connections):
             conn.close(CloseCode.GOING_AWAY)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from .workers import EXIT_BROKER_UNAVAILABLE, WorkerInfo
 
 if TYPE_CHECKING:
     from .client import HTTPClient
+    from .node import Node
 
 __all__ = ["main"]
 
@@ -51,6 +53,7 @@ async def serve(
     from aiohttp import web
 
     from .app import create_app
+    from .node import NODE
     from .transports.server import fit_open_files, log_accept_errors, make_runner
     from .workers import notify_ready, watch_supervisor
 
@@ -110,9 +113,22 @@ async def serve(
     await stop.wait()
     if watcher is not None:
         watcher.cancel()
+    await _drain_delay(app[NODE], stop)
     log.info("shutting down")
     await runner.cleanup()
     return 0
+
+
+async def _drain_delay(node: Node, stop: asyncio.Event) -> None:
+    """After SIGTERM: ``/readyz`` answers 503 at once; with ``drain_delay`` the node keeps serving that
+    long (so a load balancer takes it out of rotation first) unless a second signal comes."""
+    node.draining = True
+    delay = node.settings.drain_delay
+    if delay > 0:
+        log.info("draining: /readyz answers 503; connections close in %g s", delay)
+        stop.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
 
 
 def _url_host(host: str) -> str:

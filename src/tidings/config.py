@@ -127,6 +127,7 @@ class Settings:
     body_timeout: float = 30.0  # seconds to send a request body, once its headers are in
     keepalive_timeout: float = 75.0  # seconds an idle HTTP keep-alive connection stays open
     ping_interval: float = 25.0
+    drain_delay: float = 0.0  # seconds after SIGTERM that /readyz answers 503 before connections close
     compression: bool = False
     echo_raw: bool = False  # /websocket echoes messages verbatim (text and binary), for conformance suites
     sqlite_synchronous: str = "normal"
@@ -196,6 +197,7 @@ _SCALARS: dict[str, type] = {
     "body_timeout": float,
     "keepalive_timeout": float,
     "ping_interval": float,
+    "drain_delay": float,
     "compression": bool,
     "echo_raw": bool,
     "sqlite_synchronous": str,

@@ -18,7 +18,9 @@ from .presence import presence_for
 from .protocol import CloseCode
 from .subscriptions import Subscriptions
 
-__all__ = ["NODE", "Connection", "Node"]
+__all__ = ["NODE", "READY_CACHE", "Connection", "Node"]
+
+READY_CACHE = 1.0  # seconds a readiness answer is reused: probes cannot hammer the broker
 
 
 class Connection(Protocol):
@@ -43,6 +45,38 @@ class Node:
         self.conn_limits = ConnectionLimiter(settings.max_connections, settings.max_connections_per_ip)
         self.auth_failures = FailureLimiter(settings.api_failures_per_minute)
         self.trusted_proxies = parse_networks(settings.trusted_proxies)
+        self.draining = False  # set on SIGTERM (or app shutdown): /readyz answers 503 from then on
+        self._ready_at = -READY_CACHE
+        self._ready_reason: str | None = None
+        self._ready_check: asyncio.Future[str | None] | None = None
+
+    async def unready_reason(self) -> str | None:
+        """None when this node should get traffic (``/readyz`` 200); else why not: ``draining``, or
+        the broker's failure. The broker is asked (:meth:`Broker.ping`) at most once per
+        ``READY_CACHE`` seconds; concurrent callers share one check in flight."""
+        if self.draining:
+            return "draining"
+        if time.monotonic() - self._ready_at < READY_CACHE:
+            return self._ready_reason
+        if self._ready_check is None:
+            self._ready_check = asyncio.ensure_future(self._check_broker())
+        return await asyncio.shield(self._ready_check)
+
+    async def _check_broker(self) -> str | None:
+        limit = self.settings.redis_timeout or 5.0  # the SQLite writer gets as long as Redis would
+        try:
+            async with asyncio.timeout(limit):
+                await self.broker.ping()
+            reason = None
+        except BrokerError as exc:
+            reason = f"broker: {exc}"
+        except TimeoutError:
+            reason = f"broker: no answer within {limit:g} s"
+        finally:
+            self._ready_check = None
+        self._ready_at = time.monotonic()
+        self._ready_reason = reason
+        return reason
 
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)

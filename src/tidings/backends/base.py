@@ -148,6 +148,11 @@ class Broker(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Return when the backend answers a real request now (SQLite: a committed write; Redis: PING
+        within ``redis_timeout``); raise :class:`BrokerError` otherwise. ``/readyz`` asks it."""
+        ...
+
     def publish_many(self, reqs: list[PublishRequest], done: PublishDone) -> None:
         """Publish ``reqs`` in order, atomically as a group (one transaction where there is one); then
         ``done`` is called once, on the loop, with the publications or the error. A request whose

@@ -55,6 +55,9 @@ class MemoryBroker(OneNode):
             self._sweeper.cancel()
             self._sweeper = None
 
+    async def ping(self) -> None:
+        return None  # everything is in this process: it answers whenever the loop does
+
     def publish_many(self, reqs: list[PublishRequest], done: PublishDone) -> None:
         assert self._loop is not None, "broker not started"
         pubs: PublishResult = []

@@ -428,6 +428,15 @@ class RedisBroker:
             self._loop.create_task(self._checker()),
         ]
 
+    async def ping(self) -> None:
+        """PING through the command pool, within ``redis_timeout``."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            why = str(exc) or f"no answer within redis_timeout ({self.timeout:g} s)"
+            raise BrokerError(f"cannot reach {self.target.describe()}: {why}") from exc
+
     async def _close_clients(self) -> None:
         await self._client.aclose()
         if self._sentinel is not None:

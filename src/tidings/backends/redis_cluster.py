@@ -228,6 +228,14 @@ class RedisClusterBroker(RedisBroker):
                 await self._cluster.aclose()
             raise BrokerError(f"cannot reach the Redis Cluster at {where}: {exc}") from exc
 
+    async def ping(self) -> None:
+        """RedisBroker's PING (to the cluster client's default node); the cluster client's own
+        errors (no slot map, no node reachable) count as not answering."""
+        try:
+            await super().ping()
+        except RedisClusterException as exc:
+            raise BrokerError(f"cannot reach the Redis Cluster: {exc}") from exc
+
     async def _checker(self) -> None:
         """RedisBroker's position check; the cluster client's own errors (no slot map yet, a slot not
         covered while failing over) count as Redis being unreachable: skipped, tried again later."""

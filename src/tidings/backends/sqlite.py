@@ -72,6 +72,10 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (channel, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires);
+CREATE TABLE IF NOT EXISTS health (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL
+);
 """
 
 MAX_BATCH = 4096
@@ -93,6 +97,13 @@ class _Pubs:
     done: PublishDone
 
 
+@dataclass(slots=True)
+class _Ping:
+    """A readiness check: one row written in the writer's next transaction (``ping``)."""
+
+    future: asyncio.Future[None]
+
+
 class _Stop:
     pass
 
@@ -104,7 +115,7 @@ class _Trimmed:
     channels: list[str]
 
 
-_Item = _Pubs | _Load | _Stop | _Trimmed
+_Item = _Pubs | _Load | _Ping | _Stop | _Trimmed
 # What one stored row costs, counted against max_history_bytes: the payloads and a fixed overhead.
 _ROW_BYTES = "length(data) + COALESCE(length(info), 0) + length(channel) + 64"
 
@@ -165,6 +176,15 @@ class SqliteBroker(OneNode):
             return
         self._queue.put(_Pubs(reqs, done))
 
+    async def ping(self) -> None:
+        """A real write: one row of the ``health`` table committed by the writer thread in its next
+        transaction, with the publications queued beside it (so it fails when their commit would)."""
+        if self._thread is None or self._loop is None:
+            raise BrokerError("storage is closed")
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._queue.put(_Ping(fut))
+        await fut
+
     async def history(
         self, channel: str, opts: HistoryOptions, *, since: int | None = None, limit: int | None = None
     ) -> HistoryResult:
@@ -195,6 +215,12 @@ class SqliteBroker(OneNode):
                 self._cache.put(item.channel, result)
                 if not item.future.done():
                     item.future.set_result(result)
+            elif isinstance(item, _Ping):
+                if not item.future.done():
+                    if isinstance(result, BaseException):
+                        item.future.set_exception(result)
+                    else:
+                        item.future.set_result(None)
             elif isinstance(item, _Trimmed):
                 for ch in item.channels:
                     self._cache.discard(ch)
@@ -252,7 +278,7 @@ class SqliteBroker(OneNode):
                     except queue.Empty:
                         break
                 stop = any(isinstance(i, _Stop) for i in items)
-                work = [i for i in items if isinstance(i, _Pubs | _Load)]
+                work = [i for i in items if isinstance(i, _Pubs | _Load | _Ping)]
                 if work:
                     results = self._process(db, meta, work)
                     if self.idempotency_keys > self.idempotency.max_keys:
@@ -300,7 +326,7 @@ class SqliteBroker(OneNode):
         return m
 
     def _process(
-        self, db: sqlite3.Connection, meta: dict[str, tuple[str, int]], items: list[_Pubs | _Load]
+        self, db: sqlite3.Connection, meta: dict[str, tuple[str, int]], items: list[_Pubs | _Load | _Ping]
     ) -> list[tuple[_Item, Any]]:
         results: list[tuple[_Item, Any]] = []
         touched: dict[str, tuple[str, int] | None] = {}  # meta before this batch, to restore on failure
@@ -358,6 +384,9 @@ class SqliteBroker(OneNode):
                     insert_rows()  # the load must see everything queued before it
                     touch(item.channel)
                     results.append((item, self._load_stream(db, meta, item)))
+                elif isinstance(item, _Ping):
+                    db.execute("INSERT OR REPLACE INTO health(id, at) VALUES (1, ?)", (t,))
+                    results.append((item, None))
                 else:
                     pubs: PublishResult = [add(r) for r in item.reqs]
                     results.append((item, pubs))

@@ -273,6 +273,13 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok", "connections": len(node.connections), "pid": os.getpid()})
 
 
+async def readyz(request: web.Request) -> web.Response:
+    reason = await _node(request).unready_reason()
+    if reason is None:
+        return json_response({"status": "ready"})
+    return json_response({"status": "unavailable", "reason": reason}, status=503)
+
+
 def api_routes() -> list[web.RouteDef]:
     return [
         web.post("/api/publish", publish),
@@ -282,4 +289,5 @@ def api_routes() -> list[web.RouteDef]:
         web.get(r"/api/channels/{channel:.+}/history", history),
         web.get(r"/api/channels/{channel:.+}/presence", presence_api),
         web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
     ]
