@@ -11,6 +11,7 @@ from aiohttp import web
 
 from .backends import Broker, BrokerOptions, broker_from_url
 from .config import Settings
+from .logs import access_log
 from .node import NODE, Node
 from .protocol import CloseCode
 from .transports.flush import FLUSHER, Flusher
@@ -50,7 +51,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     check_aiohttp()
     node = Node(settings, broker or broker_from_url(settings.broker_url, broker_options(settings)))
     app = web.Application(
-        middlewares=[security_headers, error_middleware], client_max_size=settings.max_http_body
+        middlewares=[access_log, security_headers, error_middleware], client_max_size=settings.max_http_body
     )
     app[NODE] = node
     app[FLUSHER] = Flusher()

@@ -53,6 +53,7 @@ async def serve(
     from aiohttp import web
 
     from .app import create_app
+    from .logs import redact
     from .node import NODE
     from .transports.server import fit_open_files, log_accept_errors, make_runner
     from .workers import notify_ready, watch_supervisor
@@ -61,6 +62,7 @@ async def serve(
     if not settings.api_keys:
         key, path, created = ensure_api_key(settings.data_dir)
         settings.api_keys = [ApiKey("generated", key, "admin")]
+        redact.add([key])  # never in a log line
         key_note = f"API key {'created in' if created else 'in'} {path.resolve()}"
     open_files = fit_open_files(settings)  # logged once the server started (a failed start says one line)
     log_accept_errors(asyncio.get_running_loop())
@@ -224,6 +226,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "allowed_origins": args.allowed_origin,
         "max_message_size": args.max_message_size,
         "log_level": args.log_level,
+        "log_format": args.log_format,
         "workers": args.workers,
     }
     try:
@@ -231,9 +234,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tidings: configuration error: {exc}", file=sys.stderr)
         return 2
-    tag = f" [worker {worker.index}]" if worker is not None else ""
-    logging.basicConfig(
-        level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s"
+    from .logs import setup_logging
+
+    setup_logging(
+        settings.log_level,
+        settings.log_format,
+        worker=worker.index if worker is not None else None,
+        secrets=[k.key for k in settings.api_keys] + [settings.token_secret],
     )
     if worker is None and settings.workers > 1:
         return _supervise(args, settings)
@@ -393,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-origin", action="append", help="origin allowed to open WebSockets (repeat)")
     s.add_argument("--max-message-size", type=int, help="largest incoming message in bytes (default 65536)")
     s.add_argument("--log-level", help="debug | info | warning | error (default info)")
+    s.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="text, or json: one object per line with access and session lines (default text; env "
+        "TIDINGS_LOG_FORMAT)",
+    )
     s.add_argument(
         "--workers",
         help="processes accepting on the port, N or auto (one per CPU); above 1 needs a redis:// broker "

@@ -132,6 +132,7 @@ class Settings:
     echo_raw: bool = False  # /websocket echoes messages verbatim (text and binary), for conformance suites
     sqlite_synchronous: str = "normal"
     log_level: str = "info"
+    log_format: str = "text"  # text (for people) | json (one object per line, with access lines)
     namespaces: dict[str, Namespace] = field(default_factory=_default_namespaces)
     # Rules for channels whose namespace is not listed (and names without a namespace); None refuses them.
     default_namespace: Namespace | None = field(default_factory=lambda: Namespace(""))
@@ -202,8 +203,10 @@ _SCALARS: dict[str, type] = {
     "echo_raw": bool,
     "sqlite_synchronous": str,
     "log_level": str,
+    "log_format": str,
 }
 _POSITIVE: dict[str, float] = {"presence_ttl": 0.3, "presence_limit": 1}
+_CHOICES: dict[str, tuple[str, ...]] = {"log_format": ("text", "json")}
 _LISTS = {"api_keys", "allowed_origins", "trusted_proxies", "public_url"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -307,6 +310,8 @@ def _coerce(name: str, value: Any) -> Any:
         out = typ(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: {value!r} is not a valid {typ.__name__}") from None
+    if name in _CHOICES and out not in _CHOICES[name]:
+        raise ConfigError(f"{name} must be one of {', '.join(_CHOICES[name])}, not {value!r}")
     if typ in (int, float) and out < 0:
         raise ConfigError(f"{name} must not be negative")
     if name in _POSITIVE and out < _POSITIVE[name]:

@@ -377,6 +377,7 @@ class Client:
         reconnect: bool = True,
     ) -> None:
         self.url = url
+        self._where = url.split("?", 1)[0]  # for log lines and errors: a ?token= stays out of them
         self.token = token
         self.get_token = get_token
         self.min_backoff = min_backoff
@@ -515,7 +516,7 @@ class Client:
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
         except TimeoutError:
-            raise ConnectionError(f"not connected to {self.url} after {timeout:.1f}s") from None
+            raise ConnectionError(f"not connected to {self._where} after {timeout:.1f}s") from None
         if self._fatal is not None:
             raise self._fatal
         if self._closed or self._conn is None:
@@ -738,7 +739,7 @@ class Client:
             except TidingsError as exc:  # get_token failed
                 self._error(exc)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                log.info("connect to %s failed: %s", self.url, exc or type(exc).__name__)
+                log.info("connect to %s failed: %s", self._where, exc or type(exc).__name__)
             else:
                 started = time.monotonic()
                 event, stop = await self._serve(_Conn(ws), token)
@@ -777,7 +778,7 @@ class Client:
             try:
                 result = await self._call(conn, "connect", {"token": token} if token else {})
             except RequestTimeout:
-                log.info("connect to %s: no reply in time", self.url)
+                log.info("connect to %s: no reply in time", self._where)
             except ConnectionLost:
                 pass
             except RequestError as exc:

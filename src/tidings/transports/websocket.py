@@ -113,6 +113,7 @@ class WsConnection(WsProtocol):
 
     def _send(self, payload: bytes) -> None:
         if not self._closing:
+            self.msgs_out += 1
             self.offer(text_frame(payload))
 
     def reply_error(self, rid: int | str | None, code: ErrorCode, message: str) -> None:

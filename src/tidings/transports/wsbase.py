@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("tidings.ws")
+SESSION = logging.getLogger("tidings.session")  # (logs.SESSION: the same logger)
 
 MAX_REFUSED = 50  # commands over the budget in a row before the connection is closed with 4030
 CLOSE_GRACE = 5.0  # seconds a closing peer gets to take its last frames before the socket is aborted
@@ -77,12 +79,16 @@ class WsProtocol(asyncio.Protocol):
         "_drained",
         "_flusher",
         "_refused",
+        "_t0",
         "_tbuf",
         "client_id",
+        "close_code",
         "counted",
         "deflate",
         "format",
         "ip",
+        "msgs_in",
+        "msgs_out",
         "node",
         "pinged",
         "rx",
@@ -90,6 +96,7 @@ class WsProtocol(asyncio.Protocol):
         "transport",
     )
     IN_BAND_AUTH = False  # True where the protocol has its own way to authenticate after the upgrade
+    TRANSPORT = "ws"  # the name in session log lines (``tidings.session``)
 
     def __init__(
         self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
@@ -120,6 +127,10 @@ class WsProtocol(asyncio.Protocol):
         self.rx = True  # something arrived since the last heartbeat tick
         self.pinged = False
         self._abort_handle: asyncio.TimerHandle | None = None
+        self._t0 = time.monotonic()
+        self.msgs_in = 0  # data messages received
+        self.msgs_out = 0  # data messages queued: pushes and replies
+        self.close_code: int | None = None  # of the close handshake, whoever started it
 
     # ------------------------------------------------------------------------------ hooks
 
@@ -222,6 +233,7 @@ class WsProtocol(asyncio.Protocol):
             frame = encoded(item, self.format)
         if frame is None or self._closing:
             return
+        self.msgs_out += 1
         size = self._buffered + len(frame)
         if size + self._tbuf > self.node.settings.max_buffer:
             self.offer(frame)  # the limit's rule
@@ -303,6 +315,7 @@ class WsProtocol(asyncio.Protocol):
         handshake is done (or the connection failed), and aborted CLOSE_GRACE seconds from now at the
         latest, whether or not the peer reads."""
         self._closing = True
+        self.close_code = code
         if ours and code != CloseCode.NORMAL:
             log.info("closing %s (%s): %d %s", self.client_id, self.ip, code, reason)
         if ours and frame and code in _CLOSE_CODES:
@@ -340,6 +353,7 @@ class WsProtocol(asyncio.Protocol):
             if self._closing:
                 break  # closing: only the peer's close still counts, and the connection has it
             if type(ev) is Message:
+                self.msgs_in += 1
                 if ev.opcode is Opcode.TEXT:
                     self.on_text(ev.data)
                 else:
@@ -383,6 +397,34 @@ class WsProtocol(asyncio.Protocol):
             self._abort_handle.cancel()
             self._abort_handle = None
         self._buffer.clear()
+        if SESSION.isEnabledFor(logging.INFO):
+            self._log_end(exc)
+
+    def _log_end(self, exc: Exception | None) -> None:
+        """The session's one ``tidings.session`` line (the JSON log format has them)."""
+        code = self.close_code if self.close_code is not None else 1006  # 1006: no close handshake
+        secs = round(time.monotonic() - self._t0, 3)
+        SESSION.info(
+            "%s session %s (%s) ended: %d, %.1f s, %d in, %d out",
+            self.TRANSPORT,
+            self.client_id,
+            self.ip,
+            code,
+            secs,
+            self.msgs_in,
+            self.msgs_out,
+            extra={
+                "transport": self.TRANSPORT,
+                "client_id": self.client_id,
+                "client": self.ip,
+                "user": self.session.user,
+                "close_code": code,
+                "duration_s": secs,
+                "messages_in": self.msgs_in,
+                "messages_out": self.msgs_out,
+                "error": str(exc) if exc is not None else None,
+            },
+        )
 
 
 class Heartbeat:
