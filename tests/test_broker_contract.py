@@ -460,7 +460,7 @@ async def test_idempotency_keys_expire_after_the_window(
         await fx.broker.close()
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_idempotency_keys_are_bounded_in_count_oldest_first(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -476,6 +476,11 @@ async def test_idempotency_keys_are_bounded_in_count_oldest_first(
                 assert db.execute("SELECT COUNT(*) FROM idempotency").fetchone()[0] <= 10
             finally:
                 db.close()
+        elif isinstance(fx.broker, RedisBroker):  # (and the Cluster's): at most max_keys per channel
+            client = fx.broker.redis_client()
+            kept = [await client.exists(fx.broker._key("i:n", f"k:k{i}")) for i in range(30)]
+            assert sum(kept) == 10 and kept[-10:] == [1] * 10  # the newest ten
+            assert await client.zcard(fx.broker._key("i:n", "ki")) == 10
         else:
             assert isinstance(fx.broker, MemoryBroker)
             assert len(fx.broker._keys) <= 10
