@@ -6,10 +6,14 @@ the worker gets exactly the ``push`` event it would get from the push service, w
 server sends (the /ws ``message`` push JSON). What the worker showed is read back with
 ``registration.getNotifications()`` in a page of the origin.
 
-Visibility: a headless page is always ``visible`` (to the page and to ``clients.matchAll``), and no
-DevTools command of this Chromium makes a page hidden to the service worker (see the notes in
-test_visible_page_of_the_room_suppresses); "a page of the room is visible" is therefore tested with a
-page open at the room's URL, and "no page of the room is visible" with the page at another room's URL.
+Visibility: a headless page is always ``visible``, to itself and to the worker's ``clients.matchAll``.
+Tried with this Chromium (156): a second tab, ``Browser.setWindowBounds`` minimized, ``Page.
+setWebLifecycleState`` frozen, another tab brought to front with focus emulation off: every window still
+reports ``visible`` (only ``focused`` changes). So "a page of the room is visible" is tested with a page
+at the room's URL, and "no page of the room is visible" with the page at another room's URL.
+
+Notification clicks cannot be made in headless Chromium (no DevTools command clicks a notification, and
+``clients.openWindow``/``focus`` need the click's user activation): ``notificationclick`` is not tested.
 """
 
 from __future__ import annotations
@@ -334,6 +338,121 @@ async def test_notify_button_says_why_it_cannot(
     # The page works on: a message goes out and comes back; no CSP violation, no page error.
     await send(page, "still chatting")
     await wait_body(page, "still chatting")
+    assert watch.problems() == [], watch.problems()
+    await ctx.close()
+
+
+# A browser whose push service answers: PushManager.subscribe/getSubscription replaced by a stand-in
+# subscription (the one thing this Chromium cannot do), so the page's own calls can be checked.
+FAKE_PUSH_MANAGER = """
+(() => {
+    let current = null;
+    window.__unsubscribed = 0;
+    const make = (id, key) => ({
+        endpoint: 'https://push.example/send/' + id,
+        options: {userVisibleOnly: true, applicationServerKey: new Uint8Array(key).buffer},
+        toJSON() {
+            return {endpoint: this.endpoint, expirationTime: null, keys: {p256dh: 'P' + id, auth: 'A' + id}};
+        },
+        unsubscribe() {
+            localStorage.removeItem('fake.sub'); current = null; window.__unsubscribed++;
+            return Promise.resolve(true);
+        },
+    });
+    PushManager.prototype.subscribe = function (options) {
+        const key = Array.from(new Uint8Array(options.applicationServerKey));
+        const saved = [String(Math.random()).slice(2), key];
+        localStorage.setItem('fake.sub', JSON.stringify(saved));
+        current = make(...saved);
+        return Promise.resolve(current);
+    };
+    PushManager.prototype.getSubscription = function () {
+        const saved = JSON.parse(localStorage.getItem('fake.sub') || 'null');
+        if (!current && saved) current = make(...saved);
+        return Promise.resolve(current);
+    };
+})();
+"""
+
+
+async def test_notify_and_stop_send_the_documented_requests(
+    browser: Browser, start_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    """With a push service that answers (a stand-in PushManager): "Notify me" POSTs the subscription and
+    the room's channel (plus the rooms already asked for), "Stop notifications" DELETEs by endpoint and
+    re-registers the remaining rooms; the state survives a reload; a refusal is said in words."""
+    srv = await start_server()
+    watch = Watch()
+    ctx = await browser.new_context()
+    await ctx.add_init_script(FAKE_PUSH_MANAGER)
+    await ctx.grant_permissions(["notifications"], origin=srv.http)
+    calls: list[tuple[str, Any]] = []
+    refuse: list[bool] = []
+
+    async def push_api(route: Route) -> None:
+        req = route.request
+        body = json.loads(req.post_data or "null")
+        assert req.headers.get("content-type") == "application/json"
+        calls.append((req.method, body))
+        if refuse:
+            err = {"error": {"code": "forbidden", "message": "not allowed to subscribe to chat:room-h"}}
+            await route.fulfill(status=403, content_type="application/json", body=json.dumps(err))
+        elif req.method == "POST":
+            await route.fulfill(status=201, content_type="application/json", body="{}")
+        else:
+            await route.fulfill(status=204)
+
+    page = watch.attach(await ctx.new_page(), "F")
+    await serve_vapid_key_if_missing(page, session, srv.http)
+    # Stood in for in every case: the stand-in endpoint (push.example) is no address a server accepts.
+    await page.route("**/push/subscriptions", push_api)
+    button = page.locator("#notify")
+
+    await page.goto(srv.http + "/chat/room-f")
+    await wait_state(page, "connected")
+    assert await click_notify(page) == "You will be notified of new messages in #room-f."
+    await expect(button).to_have_text("Stop notifications")
+    await expect(button).to_have_attribute("aria-pressed", "true")
+    [(method, body)] = calls
+    assert method == "POST" and body["channels"] == ["chat:room-f"]
+    sub = body["subscription"]
+    assert set(sub) == {"endpoint", "expirationTime", "keys"} and set(sub["keys"]) == {"p256dh", "auth"}
+    endpoint = sub["endpoint"]
+
+    await page.reload()  # the state comes back from the browser's subscription and localStorage
+    await wait_state(page, "connected")
+    await expect(button).to_have_text("Stop notifications")
+
+    await page.goto(srv.http + "/chat/room-g")  # another room: not subscribed there yet
+    await wait_state(page, "connected")
+    await expect(button).to_have_text("Notify me")
+    calls.clear()
+    await click_notify(page)
+    assert calls == [("POST", {"subscription": sub, "channels": ["chat:room-f", "chat:room-g"]})]
+
+    calls.clear()  # stop room-g: unregister, then register what remains
+    assert await click_notify(page) == "Notifications for #room-g stopped."
+    assert calls == [
+        ("DELETE", {"endpoint": endpoint}),
+        ("POST", {"subscription": sub, "channels": ["chat:room-f"]}),
+    ]
+    await expect(button).to_have_text("Notify me")
+    assert await page.evaluate("window.__unsubscribed") == 0  # room-f still wants pushes
+
+    await page.goto(srv.http + "/chat/room-f")
+    await wait_state(page, "connected")
+    calls.clear()  # stop the last room: unregister and drop the browser's subscription
+    await click_notify(page)
+    assert calls == [("DELETE", {"endpoint": endpoint})]
+    assert await page.evaluate("window.__unsubscribed") == 1
+    await expect(button).to_have_text("Notify me")
+
+    await page.goto(srv.http + "/chat/room-h")
+    await wait_state(page, "connected")
+    refuse.append(True)
+    text = await click_notify(page)
+    assert text == "Notifications not enabled: the server refused (not allowed to subscribe to chat:room-h)"
+    await expect(button).to_have_text("Notify me")
     assert watch.problems() == [], watch.problems()
     await ctx.close()
 
