@@ -439,7 +439,12 @@
     function subscribePush() {
       var reg;
       var key;
-      return Notification.requestPermission().then(function (perm) {
+      // The promise form; older Safari only calls back.
+      var asking = new Promise(function (resolve) {
+        var p = Notification.requestPermission(resolve);
+        if (p && typeof p.then === "function") p.then(resolve, function () { resolve("denied"); });
+      });
+      return asking.then(function (perm) {
         if (perm !== "granted") {
           throw pushError(perm === "denied" ? "notifications are blocked for this site (allow them in the site settings)" : "notifications were not allowed");
         }
