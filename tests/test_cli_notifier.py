@@ -323,3 +323,12 @@ async def test_exec_concurrency_saves_in_order(
     assert orjson.loads(state.read_bytes())["channels"]["pub:p"]["offset"] == 0
     gate.touch()
     await c.until(lambda: orjson.loads(state.read_bytes())["channels"]["pub:p"]["offset"] == 4, "saved 4")
+
+
+async def test_unwritable_state_file_is_one_line(
+    start_server: ServerFactory, cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    srv = await sqlite_server(start_server, tmp_path)
+    c = await cli(srv, "pub:w", "--state", str(tmp_path / "no-such-dir" / "s.json"), ready=False)
+    assert await c.stop(None) == 2
+    assert c.err.startswith("tidings: state file") and "cannot write" in c.err and "Traceback" not in c.err

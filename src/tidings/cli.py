@@ -354,13 +354,14 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
         except StateError as exc:
             print(f"tidings: {exc}", file=sys.stderr)
             return 2
-    notifier = Notifier(ExecSpec(args.exec, notify_send, args.exec_timeout, args.exec_concurrency), state)
+    spec = ExecSpec(args.exec, notify_send, args.exec_timeout, args.exec_concurrency)
 
     async def drain(sub: Subscription) -> None:
         async for _ in sub:  # the notifier hears each message through the client's "message" event
             pass
 
     async def go() -> int:
+        notifier = Notifier(spec, state)
         client = Client(_ws_url(args))
         client.on("message", notifier.on_message)
         client.on("gap", notifier.on_gap)
@@ -378,12 +379,18 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
                     state.set(ch, sub.position)  # a restart recovers from here even if nothing came
                 subs.append(sub)
             print(f"tidings: subscribed to {', '.join(args.channels)}", file=sys.stderr)
-            done, _ = await asyncio.wait(
-                [worker, *(asyncio.ensure_future(drain(s)) for s in subs)],
-                return_when=asyncio.FIRST_EXCEPTION,
-            )
-            for task in done:
-                task.result()
+            drains: asyncio.Future[Any] = asyncio.gather(*(drain(s) for s in subs))
+            waits: list[asyncio.Future[Any]] = [worker, drains, notifier.broken]
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                fut.result()  # a StateError
+            flushed: asyncio.Future[Any] = asyncio.ensure_future(notifier.flush())
+            await asyncio.wait([flushed, notifier.broken], return_when=asyncio.FIRST_COMPLETED)
+            if notifier.broken.done():
+                notifier.broken.result()
+            for s in subs:  # the subscriptions ended (the server refused, or said not to reconnect)
+                if s.end_reason:
+                    print(f"tidings: {s.channel}: {s.end_reason}", file=sys.stderr)
         except (RequestError, ClientClosed, ConnectionError) as exc:
             print(f"tidings: {exc}", file=sys.stderr)
             return 1

@@ -153,6 +153,8 @@ class Notifier:
         self._slots = asyncio.Semaphore(max(1, spec.concurrency))
         self._tasks: set[asyncio.Task[None]] = set()
         self.failures = 0
+        # set when the state file cannot be written: the CLI stops (exit 2) rather than go on unsaved
+        self.broken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # called by the client's events, synchronously, in delivery order
     def on_message(self, pub: Publication) -> None:
@@ -179,24 +181,30 @@ class Notifier:
         try:
             while True:
                 item = await self._inbox.get()
-                self._order.setdefault(item.channel, deque()).append(item)
-                if item.pub is None:
-                    item.done.set()
-                    self._advance(item.channel)
-                    continue
-                sys.stdout.write(orjson.dumps(item.pub.to_json()).decode() + "\n")
-                sys.stdout.flush()
-                if self.spec.command is None and self.spec.notify_send is None:
-                    item.done.set()
-                    self._advance(item.channel)
-                    continue
-                await self._slots.acquire()  # with concurrency 1: the previous one finished
-                task = asyncio.get_running_loop().create_task(self._work(item))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                try:
+                    await self._start(item)
+                finally:
+                    self._inbox.task_done()
         finally:
             for task in list(self._tasks):
                 task.cancel()
+
+    async def _start(self, item: _Item) -> None:
+        self._order.setdefault(item.channel, deque()).append(item)
+        if item.pub is None:
+            item.done.set()
+            self._advance(item.channel)
+            return
+        sys.stdout.write(orjson.dumps(item.pub.to_json()).decode() + "\n")
+        sys.stdout.flush()
+        if self.spec.command is None and self.spec.notify_send is None:
+            item.done.set()
+            self._advance(item.channel)
+            return
+        await self._slots.acquire()  # with concurrency 1: the previous one finished
+        task = asyncio.get_running_loop().create_task(self._work(item))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _work(self, item: _Item) -> None:
         assert item.pub is not None
@@ -219,7 +227,17 @@ class Notifier:
         while order and order[0].done.is_set():
             last = order.popleft()
         if last is not None and self.state is not None:
-            self.state.set(channel, last.position)
+            try:
+                self.state.set(channel, last.position)
+            except StateError as exc:
+                if not self.broken.done():
+                    self.broken.set_exception(exc)
+
+    async def flush(self) -> None:
+        """Wait until every message received so far was handled."""
+        await self._inbox.join()
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def environment(self, pub: Publication) -> dict[str, str]:
         return {
