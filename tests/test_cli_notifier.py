@@ -97,10 +97,16 @@ async def cli(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         return c
 
     yield start
-    for c in started:
+    for c in started:  # SIGTERM first: the CLI kills the process groups of the commands still running
         if c.proc.returncode is None:
-            c.proc.kill()
-            await c.proc.wait()
+            c.proc.terminate()
+            try:
+                await asyncio.wait_for(c.proc.wait(), 10)
+            except TimeoutError:
+                c.proc.kill()
+                await c.proc.wait()
+        for r in c._readers:
+            r.cancel()
 
 
 async def sqlite_server(start_server: ServerFactory, tmp_path: Path) -> Server:
@@ -317,11 +323,13 @@ async def test_exec_concurrency_saves_in_order(
         f"else touch {tmp_path}/done.$TIDINGS_OFFSET; fi"
     )
     c = await cli(srv, "pub:p", "--exec", cmd, "--exec-concurrency", "4", "--state", str(state))
-    await publish(srv, "pub:p", "1", "2", "3", "4")
-    await c.until(lambda: all((tmp_path / f"done.{n}").exists() for n in (2, 3, 4)), "2..4 ran meanwhile")
-    await asyncio.sleep(0.3)  # 2..4 exit and are seen; the position must still wait for 1
-    assert orjson.loads(state.read_bytes())["channels"]["pub:p"]["offset"] == 0
-    gate.touch()
+    try:
+        await publish(srv, "pub:p", "1", "2", "3", "4")
+        await c.until(lambda: all((tmp_path / f"done.{n}").exists() for n in (2, 3, 4)), "2..4 ran")
+        await asyncio.sleep(0.3)  # 2..4 exit and are seen; the position must still wait for 1
+        assert orjson.loads(state.read_bytes())["channels"]["pub:p"]["offset"] == 0
+    finally:
+        gate.touch()
     await c.until(lambda: orjson.loads(state.read_bytes())["channels"]["pub:p"]["offset"] == 4, "saved 4")
 
 
