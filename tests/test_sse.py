@@ -4,8 +4,11 @@ slow readers, limits, drain, bad inputs. Real servers, real clients (aiohttp, cu
 from __future__ import annotations
 
 import asyncio
+import re
+import shlex
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -540,3 +543,126 @@ async def test_subscription_token_grants_a_token_namespace(
     other = hs({"channel": "priv:2", "exp": int(time.time()) + 60})
     async with session.get(f"{srv.http}/sse?channel=priv:1&sub_token={other}") as resp:
         assert resp.status == 401
+
+
+async def test_responses_match_openapi(start_server: ServerFactory, session: aiohttp.ClientSession) -> None:
+    """Every response openapi.json documents for /sse, /stream and /poll (but 503: a failing backend) is
+    produced here, and each validates against its schema."""
+    from importlib import resources
+
+    from .test_docs import ResponseChecker
+
+    spec = orjson.loads(resources.files("tidings").joinpath("openapi.json").read_bytes())
+    chk = ResponseChecker(spec)
+    srv = await start_server(
+        max_subscriptions=2,
+        token_secret=SECRET,
+        namespaces=PERSONAL,
+        default_namespace=None,
+        client_rate=50.0,
+    )
+    epoch = ""
+    for path in ("/sse", "/stream", "/poll"):
+        cases = [
+            (f"{path}?channel=pub:a&since=x", 400),
+            (f"{path}?channel=pub:a&token=nope", 401),
+            (f"{path}?channel=user:bob", 403),
+            (f"{path}?channel=nowhere:x", 404),
+            (f"{path}?channel=pub:a&channel=pub:b&channel=pub:c", 429),
+        ]
+        if path == "/poll":
+            cases.append(("/poll?channel=pub:a", 200))
+        for url, status in cases:
+            async with asyncio.timeout(T), session.get(srv.http + url) as resp:
+                assert resp.status == status, (url, resp.status)
+                body = await resp.json()
+                chk.check("get", path, status, resp.content_type, body)
+                epoch = body.get("epoch", epoch)
+        if path != "/poll":
+            async with asyncio.timeout(T), session.get(f"{srv.http}{path}?channel=pub:a") as resp:
+                assert resp.status == 200
+                assert resp.content_type in spec["paths"][path]["get"]["responses"]["200"]["content"]
+                chk.seen.add(("get", path, "200"))
+    await publish(session, srv, "pub:a", {"text": "x"})
+    async with session.get(f"{srv.http}/poll?channel=pub:a&since=0:{epoch}") as resp:
+        body = await resp.json()
+        assert len(body["publications"]) == 1
+        chk.check("get", "/poll", 200, resp.content_type, body)
+    # A wrong method: JSON too.
+    async with session.post(f"{srv.http}/sse?channel=pub:a") as resp:
+        assert resp.status == 405 and (await resp.json())["error"]["code"] == "bad_request"
+    documented = {
+        ("get", p, st) for p in ("/sse", "/stream", "/poll") for st in spec["paths"][p]["get"]["responses"]
+    }
+    assert documented - chk.seen == {("get", "/poll", "503")}
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+_EXAMPLE = re.compile(r"```sh\n(curl [^\n]*)\n```\n\n```text\n(.*?)```", re.S)
+
+
+def _normalize(text: str, epoch: str) -> str:
+    """Real output in the docs' terms: the channel's epoch, publication ids and times as the docs show."""
+    text = text.replace(epoch, "a1b2c3d4")
+    text = re.sub(r'"id":"[0-9a-f-]{36}"', '"id":"7f0c5b1e-3d2a-4c8e-9b1f-2a6d0e4c9f10"', text)
+    return re.sub(r'"time":\d+', '"time":1767225600000', text)
+
+
+async def test_devices_md_curl_examples(server: Server, session: aiohttp.ClientSession) -> None:
+    """Every curl example of docs/devices.md, in order, with real curl against a real server: its output
+    is the text block below it, but for the epoch, ids and times. When the example shows a message after
+    `subscribed`, the test publishes it once curl is subscribed."""
+    examples = _EXAMPLE.findall((DOCS / "devices.md").read_text())
+    assert len(examples) >= 5
+    epoch = (await poll(session, server, "channel=alerts:ops"))["epoch"]
+    for cmd, expected in examples:
+        want = [line for line in expected.splitlines() if line]
+        url = cmd.replace("http://127.0.0.1:8888", server.http).replace("a1b2c3d4", epoch)
+        argv = shlex.split(url)
+        proc = await asyncio.create_subprocess_exec(
+            argv[0], "-sS", "--max-time", "20", *argv[1:], stdout=asyncio.subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        got: list[str] = []
+        lines: list[str] = []
+        published = False
+        try:
+            async with asyncio.timeout(T):
+                while len(got) < len(want):
+                    raw = await proc.stdout.readline()
+                    assert raw, f"{cmd}: output ended early: {lines}"
+                    line = raw.decode().rstrip("\n")
+                    lines.append(line)
+                    if not line:
+                        continue
+                    got.append(line)
+                    i = len(got) - 1
+                    if not published and '"type":"subscribed"' in line:
+                        published = any('"type":"message"' in w for w in want[i + 1 :])
+                        if published:
+                            await publish(session, server, "alerts:ops", {"text": "disk full"})
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            await proc.wait()
+        assert _normalize("\n".join(got), epoch) == "\n".join(want), cmd
+
+
+async def test_poll_answer_is_bounded_by_max_buffer(
+    start_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    """A replay larger than max_buffer is answered in parts: each a prefix, the next poll goes on."""
+    srv = await start_server(max_buffer=8192)
+    for i in range(12):
+        await publish(session, srv, "pub:big", {"i": i, "pad": "z" * 1500})
+    epoch = (await poll(session, srv, "channel=pub:big"))["epoch"]
+    seen: list[int] = []
+    since = 0
+    async with asyncio.timeout(T):
+        while since < 12:
+            got = await poll(session, srv, f"channel=pub:big&since={since}:{epoch}&timeout=5")
+            offsets = [p["offset"] for p in got["publications"]]
+            assert offsets and offsets[0] == since + 1 and len(offsets) < 12
+            seen += offsets
+            since = got["offset"]
+    assert seen == list(range(1, 13))

@@ -634,6 +634,7 @@ async def _hold(
     """Subscribe (a pending poll is in no presence and makes no join/leave), answer the replay if there
     is one, else wait for the first live publication or the timeout."""
     _acquire(node, session.ip)  # a pending poll holds a place, like a WebSocket
+    node.conn_limits.http += 1  # (its file descriptor is counted by the HTTP edge already)
     waiter = PollWaiter(session, node.settings.max_buffer)
     node.connections.add(waiter)
     node.drained.clear()
@@ -651,6 +652,7 @@ async def _hold(
         return _answer(pubs, pubs[-1].position() if pubs else since, recovered)
     finally:
         subs.drop(waiter)
+        node.conn_limits.http -= 1
         node.conn_limits.release(session.ip)
         node.forget(waiter)
 
