@@ -18,6 +18,7 @@ from .transports.http_api import api_routes, error_middleware
 from .transports.pages import page_routes, security_headers
 from .transports.seed import chatsocket_handler, echo_handler
 from .transports.server import check_aiohttp
+from .transports.sse import sse_routes
 from .transports.websocket import ws_handler
 from .transports.wsbase import HEARTBEAT, Heartbeat
 
@@ -59,6 +60,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/websocket", echo_handler)
     app.router.add_get("/chatsocket", chatsocket_handler)
+    app.router.add_routes(sse_routes())
     app.router.add_routes(page_routes())
 
     async def on_startup(app: web.Application) -> None:

@@ -127,6 +127,8 @@ class Settings:
     body_timeout: float = 30.0  # seconds to send a request body, once its headers are in
     keepalive_timeout: float = 75.0  # seconds an idle HTTP keep-alive connection stays open
     ping_interval: float = 25.0
+    sse_retry: float = 2.0  # seconds an EventSource waits before it reconnects (the SSE retry: hint)
+    poll_max_timeout: float = 60.0  # the longest timeout a /poll may ask for (seconds)
     compression: bool = False
     echo_raw: bool = False  # /websocket echoes messages verbatim (text and binary), for conformance suites
     sqlite_synchronous: str = "normal"
@@ -196,6 +198,8 @@ _SCALARS: dict[str, type] = {
     "body_timeout": float,
     "keepalive_timeout": float,
     "ping_interval": float,
+    "sse_retry": float,
+    "poll_max_timeout": float,
     "compression": bool,
     "echo_raw": bool,
     "sqlite_synchronous": str,

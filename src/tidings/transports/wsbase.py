@@ -16,6 +16,7 @@ import hashlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -41,8 +42,10 @@ __all__ = [
     "CLOSE_GRACE",
     "HEARTBEAT",
     "MAX_REFUSED",
+    "BufferedConnection",
     "Heartbeat",
     "WsProtocol",
+    "take_over",
     "token_close_code",
     "upgrade",
 ]
@@ -60,7 +63,92 @@ def token_close_code(exc: TokenError) -> CloseCode:
     return CloseCode.TOKEN_EXPIRED if exc.code is ErrorCode.TOKEN_EXPIRED else CloseCode.UNAUTHORIZED
 
 
-class WsProtocol(asyncio.Protocol):
+class BufferedConnection(asyncio.Protocol):
+    """What every connection the server writes pushes to shares (the WebSocket ones, SSE, NDJSON
+    streams): an outgoing queue bounded in bytes, flushed once per loop iteration (``Flusher``), a peer
+    too slow for it cut off (:meth:`close` with 4008), and the drain that paces replays
+    (:meth:`writable`). Subclasses set the slots in their ``__init__`` and implement :meth:`close`."""
+
+    __slots__ = ("_buffer", "_buffered", "_closing", "_drained", "_flusher", "_tbuf", "node", "transport")
+
+    node: Node
+    transport: asyncio.Transport
+    _flusher: Flusher
+    _buffer: list[bytes]
+    _buffered: int
+    _tbuf: int  # the transport's buffer after the last flush: an upper bound until the next one
+    _closing: bool
+    _drained: asyncio.Future[None] | None  # set while a replay waits for the drain
+
+    def close(self, code: CloseCode, reason: str | None = None) -> None:
+        raise NotImplementedError
+
+    def beat(self) -> None:
+        """One tick of the node's :class:`Heartbeat` (every ``ping_interval`` seconds)."""
+
+    def _high_water(self) -> int:
+        return max(1, self.node.settings.max_buffer // 4)
+
+    def offer(self, frame: bytes) -> bool:
+        """Queue a frame without blocking; False when closed, or when the peer is too slow (closed 4008).
+
+        Only bytes the kernel would not take count: when the queue reaches ``max_buffer`` it is handed to
+        the transport at once, and the peer is cut off only if what the transport still holds after that
+        is over the limit. So a burst to a fast reader passes, and a stalled reader holds at most about
+        twice ``max_buffer``."""
+        if self._closing:
+            return False
+        size = self._buffered + len(frame)
+        if size + self._tbuf > self.node.settings.max_buffer:
+            self.flush()
+            if self._tbuf > self.node.settings.max_buffer:
+                self.close(CloseCode.SLOW_CONSUMER)
+                return False
+            size = len(frame)
+        if not self._buffer:
+            self._flusher.mark(self)
+        self._buffer.append(frame)
+        self._buffered = size
+        return True
+
+    def writable(self) -> Awaitable[None] | None:
+        """None when more may be queued now; else a future that resolves once the transport drained
+        (asyncio's ``resume_writing``) or the connection closed. Paces replays."""
+        if self._closing:
+            return None
+        self.flush()
+        if self._tbuf <= self._high_water():
+            return None
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        return self._drained
+
+    def pause_writing(self) -> None:
+        pass  # writable() decides from the transport's buffer size itself
+
+    def resume_writing(self) -> None:
+        self._tbuf = self.transport.get_write_buffer_size()
+        self._wake()
+
+    def _wake(self) -> None:
+        fut, self._drained = self._drained, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def flush(self) -> None:
+        buf = self._buffer
+        if not buf:
+            return
+        data = b"".join(buf) if len(buf) > 1 else buf[0]
+        buf.clear()
+        self._buffered = 0
+        transport = self.transport
+        if not transport.is_closing():
+            transport.write(data)
+            self._tbuf = transport.get_write_buffer_size()
+
+
+class WsProtocol(BufferedConnection):
     """One WebSocket peer: frames in (:meth:`on_text`), frames out (:meth:`offer`), closing by the RFC.
     It is also the hub's sink: :meth:`push` renders a publication or event in this transport's wire
     format (``format``, through the item's per-format cache) and queues it.
@@ -70,24 +158,16 @@ class WsProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_abort_handle",
-        "_buffer",
-        "_buffered",
-        "_closing",
         "_conn",
-        "_drained",
-        "_flusher",
         "_refused",
-        "_tbuf",
         "client_id",
         "counted",
         "deflate",
         "format",
         "ip",
-        "node",
         "pinged",
         "rx",
         "session",
-        "transport",
     )
     IN_BAND_AUTH = False  # True where the protocol has its own way to authenticate after the upgrade
 
@@ -186,9 +266,6 @@ class WsProtocol(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=self._high_water())
         self.transport.resume_reading()
 
-    def _high_water(self) -> int:
-        return max(1, self.node.settings.max_buffer // 4)
-
     def detach(self) -> None:
         """Leave every channel (runs on the loop soon after closing starts, never inside close())."""
         self.node.subscriptions.drop(self)
@@ -231,64 +308,6 @@ class WsProtocol(asyncio.Protocol):
         self._buffer.append(frame)
         self._buffered = size
 
-    def offer(self, frame: bytes) -> bool:
-        """Queue a frame without blocking; False when closed, or when the peer is too slow (closed 4008).
-
-        Only bytes the kernel would not take count: when the queue reaches ``max_buffer`` it is handed to
-        the transport at once, and the peer is cut off only if what the transport still holds after that
-        is over the limit. So a burst to a fast reader passes, and a stalled reader holds at most about
-        twice ``max_buffer``."""
-        if self._closing:
-            return False
-        size = self._buffered + len(frame)
-        if size + self._tbuf > self.node.settings.max_buffer:
-            self.flush()
-            if self._tbuf > self.node.settings.max_buffer:
-                self.close(CloseCode.SLOW_CONSUMER)
-                return False
-            size = len(frame)
-        if not self._buffer:
-            self._flusher.mark(self)
-        self._buffer.append(frame)
-        self._buffered = size
-        return True
-
-    def writable(self) -> Awaitable[None] | None:
-        """None when more may be queued now; else a future that resolves once the transport drained
-        (asyncio's ``resume_writing``) or the connection closed. Paces replays."""
-        if self._closing:
-            return None
-        self.flush()
-        if self._tbuf <= self._high_water():
-            return None
-        if self._drained is None:
-            self._drained = asyncio.get_running_loop().create_future()
-        return self._drained
-
-    def pause_writing(self) -> None:
-        pass  # writable() decides from the transport's buffer size itself
-
-    def resume_writing(self) -> None:
-        self._tbuf = self.transport.get_write_buffer_size()
-        self._wake()
-
-    def _wake(self) -> None:
-        fut, self._drained = self._drained, None
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    def flush(self) -> None:
-        buf = self._buffer
-        if not buf:
-            return
-        data = b"".join(buf) if len(buf) > 1 else buf[0]
-        buf.clear()
-        self._buffered = 0
-        transport = self.transport
-        if not transport.is_closing():
-            transport.write(data)
-            self._tbuf = transport.get_write_buffer_size()
-
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         """Say why (a disconnect push), send the close frame, and drop the socket once the peer answered
         (or after CLOSE_GRACE seconds)."""
@@ -323,6 +342,16 @@ class WsProtocol(asyncio.Protocol):
         own fan-out loop): leaving the channels runs on the loop, next."""
         self._wake()
         asyncio.get_running_loop().call_soon(self.detach)
+
+    def beat(self) -> None:
+        """Silent since the last tick: pinged; still silent at the next one: dropped (the peer is gone)."""
+        if self.rx:
+            self.rx = False
+        elif self.pinged:
+            log.info("dropping %s (%s): no pong", self.client_id, self.ip)
+            self.transport.abort()
+        else:
+            self.ping()
 
     def ping(self) -> None:
         if not self._closing:
@@ -386,8 +415,9 @@ class WsProtocol(asyncio.Protocol):
 
 
 class Heartbeat:
-    """One timer for every connection: each tick, a connection that sent nothing since the last tick is
-    pinged; one that then stays silent for another tick is dropped (its peer is gone)."""
+    """One timer for every connection: each tick calls every connection's ``beat`` (a WebSocket that sent
+    nothing since the last tick is pinged, and dropped when it then stays silent for another tick; an
+    HTTP stream gets its keep-alive and its write timeout)."""
 
     def __init__(self, node: Node, interval: float) -> None:
         self.node = node
@@ -405,15 +435,8 @@ class Heartbeat:
 
     def _tick(self) -> None:
         for conn in list(self.node.connections):
-            if not isinstance(conn, WsProtocol):
-                continue
-            if conn.rx:
-                conn.rx = False
-            elif conn.pinged:
-                log.info("dropping %s (%s): no pong", conn.client_id, conn.ip)
-                conn.transport.abort()
-            else:
-                conn.ping()
+            if isinstance(conn, BufferedConnection):
+                conn.beat()
         self._handle = asyncio.get_running_loop().call_later(self.interval, self._tick)
 
 
@@ -495,6 +518,34 @@ def _wants_deflate(request: web.Request) -> bool:
     return False
 
 
+P = TypeVar("P", bound=BufferedConnection)
+
+
+def take_over(request: web.Request, head: bytes, make: Callable[[asyncio.Transport], P]) -> P:
+    """Write ``head`` (a whole HTTP response head) ourselves and hand the socket over from aiohttp to
+    the protocol object ``make`` builds: aiohttp's request handler lets go of the transport (so it neither
+    writes a response nor closes it) and is released (its slot in the HTTP connection cap with it); the
+    new object becomes the transport's protocol, with reading paused. The request handler must then
+    return at once (any response: it is never sent). Used by the WebSocket upgrade and the HTTP streams
+    (SSE, NDJSON)."""
+    transport = request.transport
+    handler = request.protocol
+    if transport is None or transport.is_closing():
+        raise web.HTTPBadRequest(text="connection closed\n")
+    # (uvloop's transports are not registered asyncio.Transport subclasses: no isinstance check here)
+    transport.pause_reading()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:  # pushes are small and latency matters: no Nagle delay
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = make(transport)
+    transport.write(head)
+    transport.set_protocol(conn)
+    handler.transport = None
+    handler.connection_lost(None)
+    return conn
+
+
 async def upgrade(
     request: web.Request, make: Callable[[Node, asyncio.Transport, str, Flusher, bool], WsProtocol]
 ) -> web.StreamResponse:
@@ -510,10 +561,6 @@ async def upgrade(
             text="too many failed authentications\n", headers={"Retry-After": str(int(wait) + 1)}
         )
     accept = _accept(request)
-    transport = request.transport
-    handler = request.protocol
-    if transport is None or transport.is_closing():
-        raise web.HTTPBadRequest(text="connection closed\n")
     deflate = settings.compression and _wants_deflate(request)
     head = (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -524,20 +571,9 @@ async def upgrade(
             b"Sec-WebSocket-Extensions: permessage-deflate; "
             b"server_no_context_takeover; client_no_context_takeover\r\n"
         )
-    # Take the socket over from aiohttp: its request handler lets go of the transport (so it neither
-    # writes a response nor closes it) and is released; the new object becomes the transport's protocol.
-    # (uvloop's transports are not registered asyncio.Transport subclasses: no isinstance check here)
-    transport.pause_reading()
-    sock = transport.get_extra_info("socket")
-    if sock is not None:  # pushes are small and latency matters: no Nagle delay
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    tail = bytes(getattr(handler, "_message_tail", b""))
-    conn = make(node, transport, ip, request.app[FLUSHER], deflate)
-    transport.write(head + b"\r\n")
-    transport.set_protocol(conn)
-    handler.transport = None
-    handler.connection_lost(None)
+    tail = bytes(getattr(request.protocol, "_message_tail", b""))
+    conn = take_over(request, head + b"\r\n", lambda t: make(node, t, ip, request.app[FLUSHER], deflate))
+    transport = conn.transport
     conn.counted = node.conn_limits.acquire(ip)
     if not conn.counted:
         transport.resume_reading()  # to see the peer's answer to the close frame
