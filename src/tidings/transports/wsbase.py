@@ -157,11 +157,14 @@ class WsProtocol(asyncio.Protocol):
 
     def authenticate(self, token: str) -> None:
         """Verify a connection token; a bad one counts against the address (TokenError)."""
+        before = self.session.user
         try:
             self.session.authenticate(token)
         except TokenError:
             self.node.auth_failures.fail(self.ip)
             raise
+        if not before and self.session.user:  # the user is online here ("offline" Web Push skips them)
+            self.node.push.connected(self.session.user)
 
     def spend(self) -> bool:
         """One command (message) from the session's budget. False when refused; a client refused
@@ -372,6 +375,8 @@ class WsProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         node = self.node
         node.forget(self)
+        if self.session.user:
+            node.push.disconnected(self.session.user)
         if self.counted:
             self.counted = False
             node.conn_limits.release(self.ip)
