@@ -608,3 +608,46 @@ async def test_permission_matrix_push_subscriptions(
                             wrong.append(f"anonymous DELETE of {who.name}'s device: {r.status}")
     assert cells == len(WHO) * len(RULES) == 192
     assert not wrong, "\n".join(wrong)
+
+
+# ---------------------------------------------------------------------------------------------- two nodes
+
+
+async def test_two_redis_nodes_push_once_and_offline_sees_a_user_on_the_other_node(
+    start_server: ServerFactory,
+    svc: PushServiceStandIn,
+    session: aiohttp.ClientSession,
+    probe: ProbeFactory,
+    redis_url: str,
+) -> None:
+    """Two nodes on one Redis: a publication is pushed once (by the node that accepted it), and a user
+    connected to the other node counts as online for "offline" pushes, until they leave."""
+    a = await push_server(start_server, broker=redis_url, presence_ttl=3.0)
+    b = await push_server(start_server, broker=redis_url, presence_ttl=3.0)
+    token = hs(claims("ann"))
+    ann, every = svc.device("ann"), svc.device("every")
+    await register(session, a, ann.subscription(), ["quiet:r"], token=token)
+    await register(session, b, every.subscription(), ["alerts:r"])  # registered on b, sent by a
+    await publish(session, a, "alerts:r", "once")
+    await svc.until(lambda: len(svc.of("every")) == 1)
+    p = await probe(f"{b.ws_url}?token={token}")
+    await p.ok("ping")
+
+    async def online_for_a() -> bool:
+        return await a.node.push.store.online_elsewhere(["ann"]) == {"ann"}
+
+    async with asyncio.timeout(5):
+        while not await online_for_a():
+            await asyncio.sleep(0.01)
+    await publish(session, a, "quiet:r", "ann is on b")
+    await publish(session, a, "alerts:r", "marker")  # queued after it, on the same senders
+    await svc.until(lambda: len(svc.of("every")) == 2)
+    await p.close()
+    async with asyncio.timeout(5):
+        while await online_for_a():
+            await asyncio.sleep(0.01)
+    await publish(session, a, "quiet:r", "ann left")
+    await svc.until(lambda: len(svc.of("ann")) == 1)
+    assert [r.payload["data"] for r in svc.of("ann")] == ["ann left"]
+    await counted(a, sent=3)
+    assert b.node.push.stats.sent == 0 and len(svc.of("every")) == 2  # pushed once, never by b

@@ -111,13 +111,15 @@ class RedisPushStore:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._writer())
 
-    async def close(self) -> None:
+    async def close(self, *, forget: bool = True) -> None:
+        """Stop refreshing; ``forget``: also mark this node's users offline here now (a clean stop).
+        Without it they expire after ``ttl``, as after a crash."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._online:  # a clean stop: this node's users are offline here now, not after the TTL
+        if forget and self._online:  # a clean stop: this node's users are offline here now, not after the TTL
             with contextlib.suppress(BrokerError):
                 await self._do(
                     "online", asyncio.gather(*(self._write_online(u, False) for u in self._online))
