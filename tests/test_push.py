@@ -11,6 +11,7 @@ import stat
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,13 @@ import aiohttp
 import orjson
 import pytest
 
-from tidings.config import Namespace
+from tidings.config import ApiKey, Namespace
 from tidings.push import MAX_PAYLOAD, Guard
 
 from .conftest import ProbeFactory, Server, ServerFactory, api_headers
 from .push_service import Browser, PushServiceStandIn, b64, unb64
 from .test_auth import RULES, SECRET, WHO, Rule, Who, claims, expected, hs
+from .test_docs import ResponseChecker, _call
 from .test_entry_points import chatsocket, live_in, page_form
 
 PUSH_NS = {
@@ -651,3 +653,134 @@ async def test_two_redis_nodes_push_once_and_offline_sees_a_user_on_the_other_no
     assert [r.payload["data"] for r in svc.of("ann")] == ["ann left"]
     await counted(a, sent=3)
     assert b.node.push.stats.sent == 0 and len(svc.of("every")) == 2  # pushed once, never by b
+
+
+# ---------------------------------------------------------------------------------------------- OpenAPI
+
+
+def _spec() -> dict[str, Any]:
+    spec: dict[str, Any] = orjson.loads(resources.files("tidings").joinpath("openapi.json").read_bytes())
+    return spec
+
+
+async def test_push_responses_match_openapi(
+    start_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    chk = ResponseChecker(_spec())
+    srv = await push_server(start_server, push_max_subscriptions_per_user=1)
+    key, subs, stats = "/push/vapid-public-key", "/push/subscriptions", "/api/push/stats"
+    ann = {"Authorization": f"Bearer {hs(claims('ann'))}"}
+
+    async def call(method: str, path: str, expect: int, **kw: Any) -> Any:
+        kw.setdefault("headers", {})
+        return await _call(session, srv, chk, method, path, path, expect=expect, **kw)
+
+    dev = Browser("http://127.0.0.1:9/push/doc").subscription()
+    await call("get", key, 200)
+    await call("post", subs, 201, json_body={"subscription": dev, "channels": ["alerts:x"]}, headers=ann)
+    await call("get", stats, 200, headers=api_headers())
+    await call("post", subs, 400, raw=b"{")
+    await call(
+        "post",
+        subs,
+        400,
+        json_body={"subscription": Browser("https://10.0.0.1/x").subscription(), "channels": ["alerts:x"]},
+    )
+    await call("post", subs, 401, json_body={}, headers={"Authorization": "Bearer bad"})
+    await call("post", subs, 403, json_body={"subscription": dev, "channels": ["alerts:x"]})  # ann's device
+    await call("post", subs, 404, json_body={"subscription": dev, "channels": ["nopush:x"]})
+    await call("post", subs, 413, raw=b" " * 20000)
+    other = Browser("http://127.0.0.1:9/push/doc2").subscription()
+    async with session.post(
+        f"{srv.http}{subs}", json={"subscription": other, "channels": ["alerts:x"]}, headers=ann
+    ) as r:
+        assert r.status == 429  # a cap, not a rate: no Retry-After
+        chk.check("post", subs, r.status, r.content_type, await r.json())
+    await call("delete", subs, 400, json_body={})
+    await call(
+        "delete", subs, 401, json_body={"endpoint": dev["endpoint"]}, headers={"Authorization": "Bearer bad"}
+    )
+    await call("delete", subs, 403, json_body={"endpoint": dev["endpoint"]})
+    await call("delete", subs, 404, json_body={"endpoint": other["endpoint"]})
+    await call("delete", subs, 413, raw=b" " * 20000)
+    await call("delete", subs, 200, json_body={"endpoint": dev["endpoint"]}, headers=ann)
+    keyed = await push_server(start_server, api_failures_per_minute=2)
+    keyed.settings.api_keys.append(ApiKey("pub", "publish-key-0123456789", "publish"))
+    for headers, status in (
+        (api_headers("publish-key-0123456789"), 403),
+        ({}, 401),
+        (api_headers("wrong-key-0123456789"), 401),
+        (api_headers(), 429),  # too many failed keys from this address
+    ):
+        await _call(session, keyed, chk, "get", stats, stats, headers=headers, expect=status)
+    off = await start_server()
+    async with session.get(f"{off.http}{key}") as r:
+        chk.check("get", key, r.status, r.content_type, await r.json())
+        assert r.status == 404
+    slow = await push_server(start_server, client_rate=0.5)  # a burst of 1 request per address
+    await _call(
+        session,
+        slow,
+        chk,
+        "delete",
+        subs,
+        subs,
+        json_body={"endpoint": "https://a.example/x"},
+        headers={},
+        expect=404,
+    )
+    body = await _call(
+        session, slow, chk, "delete", subs, subs, json_body={"endpoint": "x"}, headers={}, expect=429
+    )
+    assert body["error"]["code"] == "rate_limited"
+    documented = {
+        (m, p, status)
+        for p, item in _spec()["paths"].items()
+        if "push" in p
+        for m in item
+        for status in item[m]["responses"]
+    }
+    untested = {d for d in documented - chk.seen if d[2] != "503" and not (d[0] == "post" and d[2] == "429")}
+    assert not untested, sorted(untested)
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[namespaces.a]\npush = true\n", "push must be false"),
+        ('[namespaces.a]\npush = "sometimes"\n', "push must be false"),
+        ('[namespaces.a]\npush = "always"\npush_urgency = "urgent"\n', "push_urgency"),
+        ('[namespaces.a]\npush = "always"\npush_topic = "has space"\n', "push_topic"),
+        ("[namespaces.a]\npush_ttl = -1\n", "push_ttl"),
+        ('push_subject = "admin@example.com"\n', "push_subject"),
+        ('push_allowed_hosts = ["10.0.0.0/33"]\n', "push_allowed_hosts"),
+        ("push_senders = 0\n", "push_senders"),
+    ],
+)
+def test_bad_push_settings_name_the_option(tmp_path: Path, toml: str, message: str) -> None:
+    from tidings.config import ConfigError, load_settings
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_settings({}, env={}, config_file=cfg)
+
+
+def test_push_settings_from_file_and_env(tmp_path: Path) -> None:
+    from tidings.config import load_settings
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(
+        'push_subject = "mailto:ops@example.com"\n[namespaces.alerts]\npush = "offline"\n'
+        'push_ttl = 60\npush_urgency = "high"\npush_topic = "a-b_c"\n'
+    )
+    s = load_settings({}, env={"TIDINGS_PUSH_ALLOWED_HOSTS": "push.local, 10.9.0.0/16"}, config_file=cfg)
+    ns = s.namespaces["alerts"]
+    assert (ns.push, ns.push_ttl, ns.push_urgency, ns.push_topic) == ("offline", 60, "high", "a-b_c")
+    assert (
+        s.push_allowed_hosts == ["push.local", "10.9.0.0/16"] and s.push_subject == "mailto:ops@example.com"
+    )
+    assert s.namespaces["chat"].push is False  # off unless asked for

@@ -73,7 +73,9 @@ def _session(request: web.Request, node: Node) -> Session:
             node.auth_failures.fail(ip)
             raise ApiError(exc.code, exc.message) from None
     if not session.take():
-        raise ApiError(ErrorCode.RATE_LIMITED, "too many requests from this client")
+        raise ApiError(
+            ErrorCode.RATE_LIMITED, "too many requests from this client", headers={"Retry-After": "1"}
+        )
     return session
 
 
