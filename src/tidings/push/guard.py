@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-__all__ = ["EndpointRefused", "Guard", "GuardedResolver", "parse_allowed"]
+__all__ = ["EndpointRefused", "Guard", "GuardedResolver", "RefusedAtConnect", "parse_allowed"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -31,6 +31,21 @@ Lookup = Callable[[str, int], Awaitable[list[str]]]
 
 class EndpointRefused(ValueError):
     """An endpoint the SSRF rules refuse; the message says why (no address is repeated)."""
+
+
+class RefusedAtConnect(OSError):
+    """What :class:`GuardedResolver` raises for a refused host (the HTTP client wraps it)."""
+
+    @staticmethod
+    def behind(exc: BaseException | None) -> bool:
+        """Whether ``exc`` was caused by one (through the client's wrapping)."""
+        seen = 0
+        while exc is not None and seen < 10:
+            if isinstance(exc, RefusedAtConnect):
+                return True
+            exc = getattr(exc, "os_error", None) or exc.__cause__ or exc.__context__
+            seen += 1
+        return False
 
 
 def parse_allowed(items: Iterable[str]) -> tuple[frozenset[str], tuple[IPNetwork, ...]]:
@@ -70,6 +85,29 @@ class Guard:
         self.hosts, self.nets = parse_allowed(allowed)
         self.lookup = lookup
         self.timeout = timeout
+        self._shapes: dict[str, tuple[str, bool | None]] = {}  # endpoint -> (origin, literal address ok)
+
+    def send_check(self, url: str) -> str:
+        """At send time: the endpoint's origin (the VAPID ``aud``) if its shape passes and, for an address
+        literal, the address does; EndpointRefused if not. Host names are checked when the sender's
+        resolver resolves them (:class:`GuardedResolver`), at the connection. Cached per endpoint (the
+        rules do not change while the server runs)."""
+        hit = self._shapes.get(url)
+        if hit is None:
+            scheme, host, _port = self.check_url(url)
+            try:
+                literal: IPAddress | None = ipaddress.ip_address(host.strip("[]"))
+            except ValueError:
+                literal = None
+            ok = None if literal is None or self.named(host) else self.address_ok(literal)
+            parts = urlsplit(url)
+            hit = (f"{scheme}://{parts.netloc}", ok)
+            if len(self._shapes) >= 10_000:
+                self._shapes.clear()
+            self._shapes[url] = hit
+        if hit[1] is False:
+            raise EndpointRefused("the endpoint's address is not public (loopback, private or special)")
+        return hit[0]
 
     def named(self, host: str) -> bool:
         return host.lower().rstrip(".") in self.hosts
@@ -92,7 +130,7 @@ class Guard:
             raise EndpointRefused("the endpoint must be an https:// URL")
         if parts.username is not None or parts.password is not None or parts.fragment:
             raise EndpointRefused("the endpoint must not hold credentials or a fragment")
-        if any(ord(c) < 0x21 or ord(c) > 0x7E for c in url):
+        if not url.isascii() or not url.isprintable() or " " in url:
             raise EndpointRefused("the endpoint must be printable ASCII (IDNs in their xn-- form)")
         if parts.scheme == "http" and not self._exempt_host(host):
             raise EndpointRefused("the endpoint must be https:// (http:// only to push_allowed_hosts)")
@@ -156,7 +194,7 @@ class GuardedResolver(AbstractResolver):
         try:
             found = await self.guard.addresses(host, port)
         except EndpointRefused as exc:
-            raise OSError(f"push endpoint refused: {exc}") from None
+            raise RefusedAtConnect(f"push endpoint refused: {exc}") from None
         out: list[ResolveResult] = []
         for a in found:
             v6 = ":" in a
