@@ -37,6 +37,30 @@ class Connection(Protocol):
     def close(self, code: CloseCode, reason: str | None = None) -> None: ...
 
 
+class Connections(set[Connection]):
+    """The node's open connections. Adding or removing one whose ``user`` is set tells Web Push that
+    user is online here (``push = "offline"`` skips their devices), whatever the transport; a connection
+    that authenticates after it was added tells it itself (``PushService.connected``)."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__()
+        self._node = node
+
+    def add(self, conn: Connection) -> None:
+        if conn not in self:
+            super().add(conn)
+            user = getattr(conn, "user", "")
+            if user:
+                self._node.push.connected(user)
+
+    def discard(self, conn: Connection) -> None:
+        if conn in self:
+            super().discard(conn)
+            user = getattr(conn, "user", "")
+            if user:
+                self._node.push.disconnected(user)
+
+
 class Node:
     def __init__(self, settings: Settings, broker: Broker, presence: PresenceStore | None = None) -> None:
         self.settings = settings
@@ -47,7 +71,7 @@ class Node:
             broker, ttl=settings.presence_ttl, limit=settings.presence_limit
         )
         self.subscriptions = Subscriptions(self.hub, broker, self.presence)
-        self.connections: set[Connection] = set()
+        self.connections: set[Connection] = Connections(self)
         self.drained = asyncio.Event()  # set whenever the last connection goes away
         self.started = time.time()
         self.conn_limits = ConnectionLimiter(settings.max_connections, settings.max_connections_per_ip)

@@ -163,8 +163,8 @@ class WsProtocol(asyncio.Protocol):
         except TokenError:
             self.node.auth_failures.fail(self.ip)
             raise
-        if not before and self.session.user:  # the user is online here ("offline" Web Push skips them)
-            self.node.push.connected(self.session.user)
+        if not before and self.session.user and self in self.node.connections:
+            self.node.push.connected(self.session.user)  # online here: "offline" Web Push skips them
 
     def spend(self) -> bool:
         """One command (message) from the session's budget. False when refused; a client refused
@@ -374,9 +374,7 @@ class WsProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         node = self.node
-        node.forget(self)
-        if self.session.user:
-            node.push.disconnected(self.session.user)
+        node.forget(self)  # a user's connection: Web Push sees them go offline here
         if self.counted:
             self.counted = False
             node.conn_limits.release(self.ip)
