@@ -169,6 +169,14 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
             print(f"tidings: cannot start: {exc.strerror} (check data_dir)", file=sys.stderr)
             return 1
         key_note = f"API key {'created in' if created else 'in'} {path.resolve()}"
+    if any(ns.push for ns in (*settings.namespaces.values(), settings.default_namespace) if ns):
+        from .push import ensure_vapid_key
+
+        try:  # created here, once, so that every worker signs with the same VAPID key
+            ensure_vapid_key(settings)
+        except (StorageError, ConfigError) as exc:
+            print(f"tidings: cannot start: {exc}", file=sys.stderr)
+            return 1
     try:
         held, port = reserve_port(settings.host, settings.port)
     except OSError as exc:
@@ -227,7 +235,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock = socket.socket(fileno=args.fd) if args.fd is not None else None
     try:
         return _run(serve(settings, sock, worker))
-    except BrokerURLError as exc:
+    except (BrokerURLError, ConfigError) as exc:  # ConfigError: push_vapid_private_key, read at start
         print(f"tidings: configuration error: {exc}", file=sys.stderr)
         return 2
     except StorageError as exc:  # the data dir: the API key file

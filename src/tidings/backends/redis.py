@@ -55,6 +55,7 @@ from .base import (
     Repeat,
 )
 from .redis_presence import RedisPresence
+from .redis_push import RedisPushStore
 
 try:
     import redis.asyncio as aioredis
@@ -416,6 +417,10 @@ class RedisBroker:
         return RedisPresence(
             self.redis_client, prefix=self.prefix, ttl=ttl, timeout=self.timeout, limit=limit
         )
+
+    def push_store(self, *, online_ttl: float) -> RedisPushStore:
+        """Web Push registrations and the "user online" signal in this Redis (``backends/redis_push.py``)."""
+        return RedisPushStore(self.redis_client, prefix=self.prefix, ttl=online_ttl, timeout=self.timeout)
 
     def _key(self, channel: str, kind: str) -> str:
         return f"{self.prefix}:{{{channel}}}:{kind}"

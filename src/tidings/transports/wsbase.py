@@ -237,11 +237,14 @@ class WsProtocol(BufferedConnection):
 
     def authenticate(self, token: str) -> None:
         """Verify a connection token; a bad one counts against the address (TokenError)."""
+        before = self.session.user
         try:
             self.session.authenticate(token)
         except TokenError:
             self.node.auth_failures.fail(self.ip)
             raise
+        if not before and self.session.user and self in self.node.connections:
+            self.node.push.connected(self.session.user)  # online here: "offline" Web Push skips them
 
     def spend(self) -> bool:
         """One command (message) from the session's budget. False when refused; a client refused
@@ -400,7 +403,7 @@ class WsProtocol(BufferedConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         node = self.node
-        node.forget(self)
+        node.forget(self)  # a user's connection: Web Push sees them go offline here
         if self.counted:
             self.counted = False
             node.conn_limits.release(self.ip)
