@@ -74,6 +74,27 @@ async def chromium() -> AsyncIterator[Browser]:
             await browser.close()
 
 
+@contextlib.asynccontextmanager
+async def chromium_profile(user_data_dir: Path, **context_kw: Any) -> AsyncIterator[BrowserContext]:
+    """Chromium with a profile on disk (Playwright's ``new_context`` contexts are incognito-like, and some
+    APIs behave differently there: Push refuses to subscribe at once)."""
+    if PLAYWRIGHT_MISSING:
+        unavailable(PLAYWRIGHT_MISSING)
+    if not os.access(CHROMIUM, os.X_OK):
+        unavailable(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    async with async_playwright() as pw:
+        try:
+            ctx = await pw.chromium.launch_persistent_context(
+                str(user_data_dir), executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000, **context_kw
+            )
+        except PlaywrightError as exc:
+            unavailable(f"Chromium at {CHROMIUM} did not start: {exc}")
+        try:
+            yield ctx
+        finally:
+            await ctx.close()
+
+
 # ------------------------------------------------------------------------------------------ page watching
 
 

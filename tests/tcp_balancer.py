@@ -90,6 +90,14 @@ class TcpBalancer:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             self._server = None
 
+    def cut(self) -> int:
+        """A network failure: reset every forwarded connection now (both sides, RST); new connections are
+        still accepted (empty :attr:`backends` first to keep clients out). Returns how many were cut."""
+        writers = list(self._writers)
+        for w in writers:
+            w.transport.abort()
+        return len(writers)
+
     async def __aenter__(self) -> TcpBalancer:
         return await self.start()
 

@@ -8,6 +8,7 @@ Every wait is on an event or a bounded poll under ``asyncio.timeout``.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,9 +27,19 @@ from tidings.backends import (
     SqliteBroker,
     broker_from_url,
 )
-from tidings.backends.base import PresenceList, PublishRequest, PublishResult, Repeat, SharesPresence
+from tidings.backends.base import (
+    PresenceList,
+    PublishRequest,
+    PublishResult,
+    PushDevice,
+    PushLimitError,
+    Repeat,
+    SharesPresence,
+    StoresPush,
+)
 from tidings.backends.redis import RedisBroker
 from tidings.backends.redis_cluster import RedisClusterBroker
+from tidings.backends.redis_push import RedisPushStore
 from tidings.backends.stream import Stream, now_ms
 from tidings.presence import presence_for
 from tidings.protocol import Event, Publication, StreamPosition
@@ -104,6 +115,7 @@ class Fixture:
     handler: RecordingHandler
     db: Path | None
     watched: set[str] = field(default_factory=set)
+    broker_options: BrokerOptions = field(default_factory=BrokerOptions)
 
     async def watch(self, *channels: str) -> None:
         """Declare interest in ``channels`` the way a node's hub does when it gets a first subscriber,
@@ -166,7 +178,9 @@ async def _fixture(kind: str, tmp_path: Path, request: pytest.FixtureRequest, op
     assert isinstance(broker, BROKER_TYPES[kind])
     handler = RecordingHandler()
     await broker.start(handler)
-    return Fixture(kind, broker, handler, tmp_path / "t.db" if kind == "sqlite" else None)
+    return Fixture(
+        kind, broker, handler, tmp_path / "t.db" if kind == "sqlite" else None, broker_options=opts
+    )
 
 
 @pytest.fixture(params=KINDS)
@@ -460,7 +474,7 @@ async def test_idempotency_keys_expire_after_the_window(
         await fx.broker.close()
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_idempotency_keys_are_bounded_in_count_oldest_first(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -476,6 +490,11 @@ async def test_idempotency_keys_are_bounded_in_count_oldest_first(
                 assert db.execute("SELECT COUNT(*) FROM idempotency").fetchone()[0] <= 10
             finally:
                 db.close()
+        elif isinstance(fx.broker, RedisBroker):  # (and the Cluster's): at most max_keys per channel
+            client = fx.broker.redis_client()
+            kept = [await client.exists(fx.broker._key("i:n", f"k:k{i}")) for i in range(30)]
+            assert sum(kept) == 10 and kept[-10:] == [1] * 10  # the newest ten
+            assert await client.zcard(fx.broker._key("i:n", "ki")) == 10
         else:
             assert isinstance(fx.broker, MemoryBroker)
             assert len(fx.broker._keys) <= 10
@@ -795,3 +814,125 @@ def test_unknown_scheme_names_the_known_ones_and_hides_the_password(url: str) ->
     msg = str(exc.value)
     assert "memory://" in msg and "sqlite://" in msg and "redis://" in msg
     assert "secret" not in msg and "user:" not in msg
+
+
+# ---------------------------------------------------------------------------------------- Web Push
+# Every broker keeps Web Push registrations (``push_store``): memory in memory (not durable), SQLite in a
+# table of its file, Redis in keys. Each test has its own key prefix (Redis is shared between tests).
+
+
+def push_device(endpoint: str, owner: str, *channels: str) -> PushDevice:
+    user = owner.removeprefix("user:") if owner.startswith("user:") else ""
+    return PushDevice(endpoint, "p" * 87, "a" * 22, owner, user, channels)
+
+
+async def push_fixture(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Fixture:
+    return await build(kind, tmp_path, BrokerOptions(redis_prefix=f"push{secrets.token_hex(4)}"), request)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_push_store_registers_replaces_removes_and_caps(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    fx = await push_fixture(kind, tmp_path, request)
+    assert isinstance(fx.broker, StoresPush)
+    store = fx.broker.push_store(online_ttl=30.0)
+    await store.start()
+    caps = {"max_per_owner": 2, "max_total": 3}
+    try:
+        d1 = push_device("https://push.example/1", "user:a", "p:x", "p:y")
+        await store.add(d1, **caps)
+        assert await store.get(d1.endpoint) == d1
+        assert await store.devices("p:x") == [d1] and await store.devices("p:y") == [d1]
+        assert await store.devices("p:none") == []
+        d1b = push_device(d1.endpoint, "user:a", "p:y", "p:z")  # the same endpoint: replaces
+        await store.add(d1b, **caps)
+        assert await store.devices("p:x") == [] and await store.devices("p:z") == [d1b]
+        d2 = push_device("https://push.example/2", "user:a", "p:y")
+        await store.add(d2, **caps)
+        with pytest.raises(PushLimitError) as err:
+            await store.add(push_device("https://push.example/3", "user:a", "p:y"), **caps)
+        assert err.value.scope == "owner"
+        await store.add(d2, **caps)  # re-registering is not one more
+        d3 = push_device("https://push.example/3", "ip:192.0.2.1", "p:y")
+        await store.add(d3, **caps)
+        with pytest.raises(PushLimitError) as err:
+            await store.add(push_device("https://push.example/4", "user:b", "p:y"), **caps)
+        assert err.value.scope == "server"
+        assert sorted(d.endpoint for d in await store.devices("p:y")) == [
+            d1.endpoint,
+            d2.endpoint,
+            d3.endpoint,
+        ]
+        assert await store.remove(d2.endpoint) == d2
+        assert await store.remove(d2.endpoint) is None
+        assert await store.get(d2.endpoint) is None
+        assert sorted(d.endpoint for d in await store.devices("p:y")) == [d1.endpoint, d3.endpoint]
+        await store.add(push_device("https://push.example/4", "user:a", "p:y"), **caps)  # room again
+    finally:
+        await store.close()
+    # Durable where the broker is: the same registrations after a restart (memory keeps nothing).
+    await fx.broker.close()
+    again = await build(kind, tmp_path, fx.broker_options, request) if kind != "memory" else None
+    if again is None:
+        return
+    assert isinstance(again.broker, StoresPush)
+    store = again.broker.push_store(online_ttl=30.0)
+    await store.start()
+    try:
+        assert await store.get(d1.endpoint) == d1b
+        assert sorted(d.endpoint for d in await store.devices("p:y")) == [
+            d1.endpoint,
+            d3.endpoint,
+            "https://push.example/4",
+        ]
+    finally:
+        await store.close()
+        await again.broker.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_push_user_online_is_seen_by_other_nodes_and_expires_after_the_ttl(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    a = await push_fixture(kind, tmp_path, request)
+    try:
+        assert isinstance(a.broker, StoresPush)
+        if not isinstance(a.broker, SharesPresence):
+            local = a.broker.push_store(online_ttl=30.0)
+            local.set_online("u", True)
+            assert await local.online_elsewhere(["u"]) == set()  # one node: there is no elsewhere
+            return
+        b = await build(kind, tmp_path, a.broker_options, request)  # a second node, same Redis
+        ttl = 1.0
+        sa = a.broker.push_store(online_ttl=ttl)
+        sb = b.broker.push_store(online_ttl=ttl)
+        await sa.start()
+        await sb.start()
+        try:
+            sa.set_online("u1", True)
+            sa.set_online("u2", True)
+
+            async def seen(want: set[str]) -> Callable[[], Awaitable[bool]]:
+                async def check() -> bool:
+                    return await sb.online_elsewhere(["u1", "u2", "u3"]) == want
+
+                return check
+
+            await until_true(await seen({"u1", "u2"}))
+            assert await sa.online_elsewhere(["u1", "u2"]) == set()  # its own node does not count
+            sa.set_online("u1", False)
+            took = await until_true(await seen({"u2"}))
+            assert took < 0.5, took  # a leave is seen at once, not after the TTL
+            await asyncio.sleep(2 * ttl)  # refreshed meanwhile: still online
+            assert await sb.online_elsewhere(["u2"]) == {"u2"}
+            assert isinstance(sa, RedisPushStore)
+            await sa.close(forget=False)  # a node that stopped refreshing (a crash)
+            took = await until_true(await seen(set()), ttl + 2)
+            assert took <= ttl + 0.5, took
+        finally:
+            await sa.close()
+            await sb.close()
+            await b.broker.close()
+    finally:
+        await a.broker.close()

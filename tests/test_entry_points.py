@@ -1,10 +1,12 @@
 """Every way in goes through the same policy gate: the permission matrix, rate limits and the token rule
-on /chatsocket, /websocket, the chat page and its form POST, next to /ws (tests/test_auth.py)."""
+on /chatsocket, /websocket, the chat page and its form POST, /sse, /stream and /poll, next to /ws
+(tests/test_auth.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 from tidings.protocol import CloseCode
 
 from .conftest import Server, ServerFactory, api_headers
-from .test_auth import RULES, SECRET, Who, claims, expected, hs
+from .test_auth import RULES, SECRET, WHO, Who, claims, expected, hs, matrix_settings
 
 CHAT_RULES = [r for r in RULES if not r.personal]  # the page and /chatsocket serve chat:<room> only
 # (who, the connection token's `channels` claim)
@@ -194,3 +196,71 @@ async def test_page_requests_have_the_address_budget(start_server: ServerFactory
             async with session.get(f"{srv.http}/chat/room") as r:
                 statuses.append(r.status)
         assert statuses[:4] == [200] * 4 and 429 in statuses, statuses
+
+
+@pytest.mark.parametrize("endpoint", ["/sse", "/stream", "/poll"])
+async def test_permission_matrix_http_streams(
+    start_server: ServerFactory, tmp_path: Any, endpoint: str
+) -> None:
+    """/sse, /stream and /poll subscribe through the same gate as a /ws subscribe: for every namespace
+    rule and every kind of client (token in Authorization, or ?token= for the others; a subscription
+    token in ?sub_token=), allowed exactly when /ws allows ``subscribe``, else 403 permission_denied."""
+    srv = await start_server(**matrix_settings(tmp_path))
+    wrong: list[str] = []
+    cells = 0
+    async with aiohttp.ClientSession() as session:
+        for n, who in enumerate(WHO):
+            for rule in RULES:
+                params: list[tuple[str, str]] = [("channel", rule.channel)]
+                headers: dict[str, str] = {}
+                if who.user is not None:
+                    extra = {} if who.channels is None else {"channels": who.channels}
+                    token = hs(claims(who.user, **extra))
+                    if n % 2:  # both ways in, over the table
+                        headers["Authorization"] = f"Bearer {token}"
+                    else:
+                        params.append(("token", token))
+                if who.grant:
+                    grant = {"channel": rule.channel, "exp": int(time.time()) + 300}
+                    if who.user is not None:
+                        grant["sub"] = who.user
+                    params.append(("sub_token", hs(grant)))
+                cells += 1
+                want = expected(rule, who, "subscribe")
+                async with (
+                    asyncio.timeout(10),
+                    session.get(srv.http + endpoint, params=params, headers=headers) as r,
+                ):
+                    if r.status == 200:
+                        # A stream says "subscribed" once every channel is; a poll without since answers.
+                        first = (
+                            await r.json()
+                            if endpoint == "/poll"
+                            else await _first_control(r, sse=endpoint == "/sse")
+                        )
+                        ok = "offset" in first if endpoint == "/poll" else first["type"] == "subscribed"
+                        if not (want and ok):
+                            wrong.append(f"{who.name} {endpoint} {rule}: expected refusal, got {first}")
+                    else:
+                        body = await r.json()
+                        if want or (r.status, body["error"]["code"]) != (403, "permission_denied"):
+                            wrong.append(f"{who.name} {endpoint} {rule}: want={want}, got {r.status} {body}")
+    assert cells == len(WHO) * len(RULES) == 192
+    assert not wrong, "\n".join(wrong)
+    async with asyncio.timeout(10):
+        while srv.node.connections:
+            await asyncio.sleep(0.01)
+
+
+async def _first_control(r: aiohttp.ClientResponse, *, sse: bool) -> dict[str, Any]:
+    """The first JSON object of a stream: an SSE ``data:`` line, or an NDJSON line."""
+    while True:
+        line = (await r.content.readline()).strip()
+        if not line:
+            continue
+        if sse:
+            if not line.startswith(b"data: "):
+                continue
+            line = line[6:]
+        obj: dict[str, Any] = orjson.loads(line)
+        return obj

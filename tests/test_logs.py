@@ -93,6 +93,7 @@ async def test_json_log_lines_parse_have_access_and_session_lines_and_no_secrets
             pub = {"channel": "chat:logs", "data": {"text": "hi"}}
             async with s.post(f"{node.http}/api/publish", json=pub, headers=auth) as r:
                 assert r.status == 200
+                published = await r.json()
             await ws.messages(1)
             hist = f"{node.http}/api/channels/chat:logs/history?token={url_token}&api_key={API_KEY}"
             async with s.get(hist, headers={**auth, "X-Forwarded-For": FORWARDED}) as r:
@@ -113,6 +114,24 @@ async def test_json_log_lines_parse_have_access_and_session_lines_and_no_secrets
             assert (await echo.receive(timeout=5)).data == "You said: ping"
             await echo.close()
             await ws.close()
+            # After the /ws session (its join/leave would count there): /sse with ?token= and
+            # ?sub_token=, /stream with the token as a header, /poll with ?token=.
+            sse_url = f"{node.http}/sse?channel=chat:logs&token={url_token}&sub_token={sub_token}"
+            async with s.get(sse_url) as r:
+                assert r.status == 200
+                async with asyncio.timeout(5):
+                    while b"subscribed" not in await r.content.readline():
+                        pass
+            stream_url = f"{node.http}/stream?channel=chat:logs"
+            async with s.get(stream_url, headers={"Authorization": f"Bearer {conn_token}"}) as r:
+                assert r.status == 200
+                async with asyncio.timeout(5):
+                    while b"subscribed" not in await r.content.readline():
+                        pass
+            since = f"{published['offset']}:{published['epoch']}"
+            poll_url = f"{node.http}/poll?channel=chat:logs&since={since}&timeout=0&token={chat_token}"
+            async with s.get(poll_url) as r:
+                assert r.status == 200, await r.text()
             # Requests aiohttp itself refuses, with the secrets in the request line and a header.
             await raw_request(
                 node.port, f"GET /ws?token={url_token} HTTP/1.1\r\nHost: x\r\n\x00\r\n\r\n".encode()
@@ -126,7 +145,7 @@ async def test_json_log_lines_parse_have_access_and_session_lines_and_no_secrets
             def session_end(transport: str) -> Any:
                 return lambda o: o["logger"] == "tidings.session" and o.get("transport") == transport
 
-            for transport in ("ws", "chatsocket", "echo"):
+            for transport in ("ws", "chatsocket", "echo", "sse", "stream", "poll"):
                 await until_logged(node, session_end(transport), f"{transport} session line")
     finally:
         assert node.stop() == 0
@@ -149,7 +168,10 @@ async def test_json_log_lines_parse_have_access_and_session_lines_and_no_secrets
     assert any(o["path"] == "/ws" and o["status"] == 101 for o in access)
 
     sessions = {o["transport"]: o for o in log if o["logger"] == "tidings.session"}
-    assert set(sessions) == {"ws", "chatsocket", "echo"}
+    assert set(sessions) == {"ws", "chatsocket", "echo", "sse", "stream", "poll"}
+    assert sessions["sse"]["messages_out"] >= 1 and sessions["sse"]["user"] == "alice"  # subscribed
+    assert sessions["poll"]["user"] == "carol" and sessions["poll"]["close_code"] is None
+    assert any(o["path"] == "/sse" and o["status"] == 200 for o in access)
     ws_end = [o for o in log if o.get("transport") == "ws" and o.get("close_code") == 1000]
     assert ws_end and ws_end[0]["user"] == "alice"
     assert ws_end[0]["messages_in"] == 2 and ws_end[0]["messages_out"] == 3  # 2 replies + 1 publication

@@ -479,9 +479,9 @@ async def test_an_offset_reused_while_pubsub_was_away_retires_the_epoch(
         redis_server.command("XADD", stream, eid, *fields)
     redis_server.command("HSET", meta, "t", 3)
     for n in (4, 5, 6):  # the _PUBLISH script, its Pub/Sub message sent where no node listens
-        keys = [meta, stream, meta, "tidings:epoch0", "tidings:{pub:re}:b"]
+        keys = [meta, stream, meta, "tidings:epoch0", "tidings:{pub:re}:b", "tidings:{pub:re}:ki"]
         args = [f'"other{n}"', "", f"other-{n}", 200, 3_600_000, 90_000_000, "ffffffff", "", 1000]
-        rep = redis_server.command("EVAL", _PUBLISH, 5, *keys, *args, "nowhere", 86_400_000, "")[0]
+        rep = redis_server.command("EVAL", _PUBLISH, 6, *keys, *args, "nowhere", 86_400_000, "", 10)[0]
         assert rep[1] == n
     assert redis_server.command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
     async with asyncio.timeout(10):

@@ -17,8 +17,10 @@ from .protocol import CloseCode
 from .transports.flush import FLUSHER, Flusher
 from .transports.http_api import api_routes, error_middleware
 from .transports.pages import page_routes, security_headers
+from .transports.push_api import push_routes
 from .transports.seed import chatsocket_handler, echo_handler
 from .transports.server import check_aiohttp
+from .transports.sse import sse_routes
 from .transports.websocket import ws_handler
 from .transports.wsbase import HEARTBEAT, Heartbeat
 
@@ -57,9 +59,11 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     app[FLUSHER] = Flusher()
     app[HEARTBEAT] = heartbeat = Heartbeat(node, settings.ping_interval)
     app.router.add_routes(api_routes())
+    app.router.add_routes(push_routes())
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/websocket", echo_handler)
     app.router.add_get("/chatsocket", chatsocket_handler)
+    app.router.add_routes(sse_routes())
     app.router.add_routes(page_routes())
 
     async def on_startup(app: web.Application) -> None:

@@ -186,6 +186,14 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
             print(f"tidings: cannot start: {exc.strerror} (check data_dir)", file=sys.stderr)
             return 1
         key_note = f"API key {'created in' if created else 'in'} {path.resolve()}"
+    if any(ns.push for ns in (*settings.namespaces.values(), settings.default_namespace) if ns):
+        from .push import ensure_vapid_key
+
+        try:  # created here, once, so that every worker signs with the same VAPID key
+            ensure_vapid_key(settings)
+        except (StorageError, ConfigError) as exc:
+            print(f"tidings: cannot start: {exc}", file=sys.stderr)
+            return 1
     try:
         held, port = reserve_port(settings.host, settings.port)
     except OSError as exc:
@@ -249,7 +257,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock = socket.socket(fileno=args.fd) if args.fd is not None else None
     try:
         return _run(serve(settings, sock, worker))
-    except BrokerURLError as exc:
+    except (BrokerURLError, ConfigError) as exc:  # ConfigError: push_vapid_private_key, read at start
         print(f"tidings: configuration error: {exc}", file=sys.stderr)
         return 2
     except StorageError as exc:  # the data dir: the API key file
@@ -354,34 +362,90 @@ def _cmd_channels(args: argparse.Namespace) -> int:
 
 def _cmd_subscribe(args: argparse.Namespace) -> int:
     from .client import Client, ClientClosed, RequestError, Subscription
+    from .notifier import ExecSpec, Notifier, StateError, StateFile, find_notify_send
 
-    async def pump(sub: Subscription) -> None:
-        async for pub in sub:
-            sys.stdout.write(orjson.dumps(pub.to_json()).decode() + "\n")
-            sys.stdout.flush()
+    if args.exec_concurrency < 1 or args.exec_timeout <= 0:
+        print("tidings: --exec-concurrency must be >= 1 and --exec-timeout > 0", file=sys.stderr)
+        return 2
+    notify_send = None
+    if args.notify:
+        notify_send = find_notify_send()
+        if notify_send is None:
+            print(
+                "tidings: --notify needs notify-send, which is not on PATH "
+                "(Debian/Ubuntu: apt install libnotify-bin)",
+                file=sys.stderr,
+            )
+            return 2
+    state = StateFile(Path(args.state)) if args.state else None
+    if state is not None:
+        try:
+            state.load()
+        except StateError as exc:
+            print(f"tidings: {exc}", file=sys.stderr)
+            return 2
+    spec = ExecSpec(args.exec, notify_send, args.exec_timeout, args.exec_concurrency)
+
+    async def drain(sub: Subscription) -> None:
+        async for _ in sub:  # the notifier hears each message through the client's "message" event
+            pass
 
     async def go() -> int:
+        notifier = Notifier(spec, state)
         client = Client(_ws_url(args))
+        client.on("message", notifier.on_message)
+        client.on("gap", notifier.on_gap)
+        worker = asyncio.get_running_loop().create_task(notifier.run())
         try:
             await client.connect(timeout=args.connect_timeout)
             subs = []
             for ch in args.channels:
-                since = None
-                if args.since is not None:
+                since = state.positions.get(ch) if state is not None else None
+                if since is None and args.since is not None:
                     epoch = args.epoch or (await client.history(ch, limit=1)).position.epoch
                     since = StreamPosition(args.since, epoch)
-                subs.append(await client.subscribe(ch, since=since))
+                sub = await client.subscribe(ch, since=since)
+                if state is not None and ch not in state.positions and sub.position is not None:
+                    state.set(ch, sub.position)  # a restart recovers from here even if nothing came
+                subs.append(sub)
             print(f"tidings: subscribed to {', '.join(args.channels)}", file=sys.stderr)
-            await asyncio.gather(*(pump(s) for s in subs))
+            drains: asyncio.Future[Any] = asyncio.gather(*(drain(s) for s in subs))
+            waits: list[asyncio.Future[Any]] = [worker, drains, notifier.broken]
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                fut.result()  # a StateError
+            flushed: asyncio.Future[Any] = asyncio.ensure_future(notifier.flush())
+            await asyncio.wait([flushed, notifier.broken], return_when=asyncio.FIRST_COMPLETED)
+            if notifier.broken.done():
+                notifier.broken.result()
+            for s in subs:  # the subscriptions ended (the server refused, or said not to reconnect)
+                if s.end_reason:
+                    print(f"tidings: {s.channel}: {s.end_reason}", file=sys.stderr)
         except (RequestError, ClientClosed, ConnectionError) as exc:
             print(f"tidings: {exc}", file=sys.stderr)
             return 1
+        except StateError as exc:
+            print(f"tidings: {exc}", file=sys.stderr)
+            return 2
         finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await worker
             await client.close()
         return 0
 
+    async def main() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        # SIGTERM stops like Ctrl-C: running commands are killed, the state holds what was handled.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await go()
+        except asyncio.CancelledError:
+            return 143
+
     try:
-        return _run(go())
+        return _run(main())
     except KeyboardInterrupt:
         return 130
 
@@ -449,6 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epoch", help="the epoch of --since (default: the channel's current epoch)")
     c.add_argument("--url", help="server URL (default http://127.0.0.1:8888; env TIDINGS_URL)")
     c.add_argument("--connect-timeout", type=float, default=30.0)
+    c.add_argument(
+        "--state",
+        metavar="FILE",
+        help="remember each channel's last handled position in FILE; a restart prints what it missed",
+    )
+    c.add_argument("--exec", metavar="CMD", help="run the shell command CMD per message (JSON on stdin)")
+    c.add_argument("--exec-concurrency", type=int, default=1, metavar="N", help="commands at once (1)")
+    c.add_argument("--exec-timeout", type=float, default=60.0, metavar="S", help="kill a command after S s")
+    c.add_argument("--notify", action="store_true", help="show a desktop notification (notify-send)")
     c.set_defaults(func=_cmd_subscribe)
     return p
 

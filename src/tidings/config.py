@@ -6,6 +6,7 @@ Every option is documented in docs/configuration.md; a test checks that the two 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -40,6 +41,11 @@ class Namespace:
     presence: bool = True
     join_leave: bool = False  # push join/leave events to subscribers
     max_message_size: int | None = None  # bytes of encoded data; None: the global max_message_size
+    # Web Push (docs/devices.md): false | "always" | "offline" (only devices of users with no live connection)
+    push: bool | str = False
+    push_ttl: int = 86400  # seconds a push service keeps an undelivered push (the TTL header)
+    push_urgency: str = "normal"  # very-low | low | normal | high (the Urgency header)
+    push_topic: str = ""  # the Topic header (a newer push with the same topic replaces an undelivered one)
 
     @property
     def history(self) -> HistoryOptions:
@@ -128,11 +134,26 @@ class Settings:
     keepalive_timeout: float = 75.0  # seconds an idle HTTP keep-alive connection stays open
     ping_interval: float = 25.0
     drain_delay: float = 0.0  # seconds after SIGTERM that /readyz answers 503 before connections close
+    sse_retry: float = 2.0  # seconds an EventSource waits before it reconnects (the SSE retry: hint)
+    poll_max_timeout: float = 60.0  # the longest timeout a /poll may ask for (seconds)
     compression: bool = False
     echo_raw: bool = False  # /websocket echoes messages verbatim (text and binary), for conformance suites
     sqlite_synchronous: str = "normal"
     log_level: str = "info"
     log_format: str = "text"  # text (for people) | json (one object per line, with access lines)
+    # Web Push (docs/devices.md, docs/security.md)
+    push_vapid_private_key: str = ""  # path to the VAPID private key (PEM); "" = <data_dir>/vapid_private.pem
+    push_subject: str = ""  # mailto: or https: contact for push services; "" = derived from public_url/host
+    push_max_subscriptions_per_user: int = 10  # devices one user (or one anonymous address) registers
+    push_max_subscriptions: int = 100_000  # devices registered on the whole server
+    push_max_channels: int = 32  # channels one device registers for
+    push_allowed_hosts: list[str] = field(default_factory=list)  # hosts/CIDRs exempt from the SSRF rules
+    push_queue_size: int = 100_000  # deliveries waiting to be sent (beyond: dropped and counted)
+    push_queue_bytes: int = 64 << 20  # payload bytes waiting to be sent (beyond: dropped and counted)
+    push_senders: int = 32  # concurrent POSTs to push services per process
+    push_timeout: float = 10.0  # seconds one POST to a push service may take in all
+    push_max_attempts: int = 5  # tries per delivery (429, 5xx and network errors are retried)
+    push_retry_max_delay: float = 300.0  # longest wait between tries (a longer Retry-After gives up)
     namespaces: dict[str, Namespace] = field(default_factory=_default_namespaces)
     # Rules for channels whose namespace is not listed (and names without a namespace); None refuses them.
     default_namespace: Namespace | None = field(default_factory=lambda: Namespace(""))
@@ -199,15 +220,38 @@ _SCALARS: dict[str, type] = {
     "keepalive_timeout": float,
     "ping_interval": float,
     "drain_delay": float,
+    "sse_retry": float,
+    "poll_max_timeout": float,
     "compression": bool,
     "echo_raw": bool,
     "sqlite_synchronous": str,
     "log_level": str,
     "log_format": str,
+    "push_vapid_private_key": str,
+    "push_subject": str,
+    "push_max_subscriptions_per_user": int,
+    "push_max_subscriptions": int,
+    "push_max_channels": int,
+    "push_queue_size": int,
+    "push_queue_bytes": int,
+    "push_senders": int,
+    "push_timeout": float,
+    "push_max_attempts": int,
+    "push_retry_max_delay": float,
 }
-_POSITIVE: dict[str, float] = {"presence_ttl": 0.3, "presence_limit": 1}
+_POSITIVE: dict[str, float] = {
+    "presence_ttl": 0.3,
+    "presence_limit": 1,
+    "push_senders": 1,
+    "push_timeout": 0.1,
+    "push_max_attempts": 1,
+    "push_max_channels": 1,
+}
 _CHOICES: dict[str, tuple[str, ...]] = {"log_format": ("text", "json")}
-_LISTS = {"api_keys", "allowed_origins", "trusted_proxies", "public_url"}
+_LISTS = {"api_keys", "allowed_origins", "trusted_proxies", "public_url", "push_allowed_hosts"}
+PUSH_MODES = (False, "always", "offline")
+PUSH_URGENCIES = ("very-low", "low", "normal", "high")
+_TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -296,6 +340,13 @@ def _coerce(name: str, value: Any) -> Any:
         if name == "public_url":
             for url in items:
                 _check_public_url(url)
+        if name == "push_allowed_hosts":
+            from .push.guard import parse_allowed
+
+            try:
+                parse_allowed(items)
+            except ValueError as exc:
+                raise ConfigError(f"push_allowed_hosts: {exc}") from None
         return items
     typ = _SCALARS[name]
     if typ is bool:
@@ -316,6 +367,12 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name} must not be negative")
     if name in _POSITIVE and out < _POSITIVE[name]:
         raise ConfigError(f"{name} must be at least {_POSITIVE[name]}")
+    if (
+        name == "push_subject"
+        and out
+        and not ((out.startswith("mailto:") and "@" in out) or out.startswith("https://"))
+    ):
+        raise ConfigError("push_subject must be a mailto: address or an https:// URL")
     return out
 
 
@@ -327,6 +384,11 @@ def _namespace(name: str, raw: Any, base: Namespace | None = None) -> Namespace:
         raise ConfigError(f"namespaces.{name}: unknown option(s) {', '.join(sorted(unknown))}")
     ns = base or Namespace(name)
     for key, value in raw.items():
+        if key == "push":
+            if value not in PUSH_MODES or value is True:
+                raise ConfigError(f'namespaces.{name}.push must be false, "always" or "offline"')
+            ns = replace(ns, push=value)
+            continue
         want = type(getattr(ns, key)) if getattr(ns, key) is not None else int
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -335,6 +397,12 @@ def _namespace(name: str, raw: Any, base: Namespace | None = None) -> Namespace:
         ns = replace(ns, **{key: value})  # type: ignore[arg-type]
     if ns.subscribe not in SUBSCRIBE_RULES:
         raise ConfigError(f"namespaces.{name}.subscribe must be one of {', '.join(SUBSCRIBE_RULES)}")
+    if ns.push_urgency not in PUSH_URGENCIES:
+        raise ConfigError(f"namespaces.{name}.push_urgency must be one of {', '.join(PUSH_URGENCIES)}")
+    if ns.push_ttl < 0:
+        raise ConfigError(f"namespaces.{name}.push_ttl must not be negative")
+    if ns.push_topic and not _TOPIC.fullmatch(ns.push_topic):
+        raise ConfigError(f"namespaces.{name}.push_topic must be 1 to 32 characters of A-Z a-z 0-9 _ -")
     return ns
 
 

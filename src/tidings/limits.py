@@ -64,6 +64,9 @@ class ConnectionLimiter:
         self.total_max = total
         self.per_ip_max = per_ip
         self.total = 0
+        # Of ``total``: places held by requests that are plain HTTP connections too (pending long-polls):
+        # the HTTP edge counts their file descriptors already.
+        self.http = 0
         self._per_ip: dict[str, int] = {}
 
     def acquire(self, ip: str, per_ip: bool = True) -> bool:

@@ -32,6 +32,7 @@ __all__ = [
     "Redactor",
     "access_log",
     "redact",
+    "session_ended",
     "setup_logging",
 ]
 
@@ -42,7 +43,7 @@ REDACTED = "[redacted]"
 
 # Values that are secrets wherever they appear: ?token=…/&api_key=… in a URL or a form, an Authorization
 # or X-Api-Key header value, a Bearer credential, and anything shaped like a JWT.
-_SECRET_PARAMS = r"token|access_token|api_key|apikey|key|secret|password|auth|authorization"
+_SECRET_PARAMS = r"sub_token|token|access_token|api_key|apikey|key|secret|password|auth|authorization"
 _PATTERNS = [
     (re.compile(rf"(?i)([?&;]|\b)({_SECRET_PARAMS})=([^&\s\"'<>;]+)"), rf"\1\2={REDACTED}"),
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), rf"\1 {REDACTED}"),
@@ -174,3 +175,43 @@ async def access_log(request: web.Request, handler: Any) -> web.StreamResponse:
             ms,
             extra={"method": request.method, "path": path, "status": status, "ms": ms, "client": client},
         )
+
+
+def session_ended(
+    transport: str,
+    client_id: str,
+    client: str,
+    user: str,
+    close_code: int | None,
+    started: float,
+    messages_in: int,
+    messages_out: int,
+    exc: BaseException | None = None,
+) -> None:
+    """The one ``tidings.session`` line of a session's end, for every transport (``ws``, ``chatsocket``,
+    ``echo``, ``sse``, ``stream``, ``poll``). ``started`` is a ``time.monotonic()``; ``close_code`` None
+    means there was no close (1006 for a WebSocket; a stream the peer dropped, a poll answered)."""
+    if not SESSION.isEnabledFor(logging.INFO):
+        return
+    secs = round(time.monotonic() - started, 3)
+    SESSION.info(
+        "%s session %s (%s) ended: %s, %.1f s, %d in, %d out",
+        transport,
+        client_id,
+        client,
+        close_code,
+        secs,
+        messages_in,
+        messages_out,
+        extra={
+            "transport": transport,
+            "client_id": client_id,
+            "client": client,
+            "user": user,
+            "close_code": close_code,
+            "duration_s": secs,
+            "messages_in": messages_in,
+            "messages_out": messages_out,
+            "error": str(exc) if exc is not None else None,
+        },
+    )

@@ -9,13 +9,23 @@ from typing import Protocol
 
 from aiohttp import web
 
-from .backends.base import Broker, BrokerError, PresenceStore, PublishDone, PublishRequest, PublishResult
+from .backends.base import (
+    Broker,
+    BrokerError,
+    PresenceStore,
+    PublishDone,
+    PublishRequest,
+    PublishResult,
+    StoresPush,
+)
+from .backends.push_local import LocalPushStore
 from .config import Settings
 from .hub import Hub
 from .limits import ConnectionLimiter, FailureLimiter, parse_networks
 from .policy import Policy
 from .presence import presence_for
-from .protocol import CloseCode
+from .protocol import CloseCode, Publication
+from .push import PushService
 from .subscriptions import Subscriptions
 
 __all__ = ["NODE", "READY_CACHE", "Connection", "Node"]
@@ -29,6 +39,30 @@ class Connection(Protocol):
     def close(self, code: CloseCode, reason: str | None = None) -> None: ...
 
 
+class Connections(set[Connection]):
+    """The node's open connections. Adding or removing one whose ``user`` is set tells Web Push that
+    user is online here (``push = "offline"`` skips their devices), whatever the transport; a connection
+    that authenticates after it was added tells it itself (``PushService.connected``)."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__()
+        self._node = node
+
+    def add(self, conn: Connection) -> None:
+        if conn not in self:
+            super().add(conn)
+            user = getattr(conn, "user", "")
+            if user:
+                self._node.push.connected(user)
+
+    def discard(self, conn: object) -> None:
+        if conn in self:
+            super().discard(conn)
+            user = getattr(conn, "user", "")
+            if user:
+                self._node.push.disconnected(user)
+
+
 class Node:
     def __init__(self, settings: Settings, broker: Broker, presence: PresenceStore | None = None) -> None:
         self.settings = settings
@@ -39,7 +73,7 @@ class Node:
             broker, ttl=settings.presence_ttl, limit=settings.presence_limit
         )
         self.subscriptions = Subscriptions(self.hub, broker, self.presence)
-        self.connections: set[Connection] = set()
+        self.connections: set[Connection] = Connections(self)
         self.drained = asyncio.Event()  # set whenever the last connection goes away
         self.started = time.time()
         self.conn_limits = ConnectionLimiter(settings.max_connections, settings.max_connections_per_ip)
@@ -49,6 +83,12 @@ class Node:
         self._ready_at = -READY_CACHE
         self._ready_reason: str | None = None
         self._ready_check: asyncio.Future[str | None] | None = None
+        store = (
+            broker.push_store(online_ttl=settings.presence_ttl)
+            if isinstance(broker, StoresPush)
+            else LocalPushStore(None)
+        )
+        self.push = PushService(settings, self.policy, store)
 
     async def unready_reason(self) -> str | None:
         """None when this node should get traffic (``/readyz`` 200); else why not: ``draining``, or
@@ -90,17 +130,42 @@ class Node:
         except BaseException:
             await self.broker.close()
             raise
+        try:
+            await self.push.start()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         try:
+            await self.push.close()
             await self.presence.close()  # before the broker: a shared store uses its connections
         finally:
             await self.broker.close()
 
     def submit(self, reqs: list[PublishRequest], done: PublishDone) -> None:
         """Hand publish requests that passed the gate to the broker as one group (one queue item, one
-        transaction); ``done`` gets the publications in order, or the group's BrokerError."""
+        transaction); ``done`` gets the publications in order, or the group's BrokerError.
+
+        Every publish path comes through here: once the broker acknowledged a group, its publications
+        in push namespaces are offered to Web Push (queued, never awaited), on this node only."""
+        if self.push.enabled:
+            done = self._then_push(done)
         self.broker.publish_many(reqs, done)
+
+    def _then_push(self, done: PublishDone) -> PublishDone:
+        offer = self.push.offer
+
+        def finish(result: PublishResult | BrokerError) -> None:
+            try:
+                done(result)
+            finally:
+                if not isinstance(result, BrokerError):
+                    for pub in result:
+                        if isinstance(pub, Publication):  # a Repeat was pushed when first published
+                            offer(pub)
+
+        return finish
 
     async def publish(self, reqs: list[PublishRequest]) -> PublishResult:
         """:meth:`submit`, awaited. Raises BrokerError."""

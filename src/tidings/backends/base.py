@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..protocol import Event, Publication, StreamPosition
 
@@ -28,8 +28,12 @@ __all__ = [
     "PublishDone",
     "PublishRequest",
     "PublishResult",
+    "PushDevice",
+    "PushLimitError",
+    "PushStore",
     "Repeat",
     "SharesPresence",
+    "StoresPush",
     "land",
     "new_epoch",
 ]
@@ -240,3 +244,91 @@ class SharesPresence(Protocol):
 
 
 MAX_LISTED_CHANNELS = 10_000  # channels in one /api/channels answer (the first ones by name)
+
+
+# ---------------------------------------------------------------------------------------------- Web Push
+
+
+@dataclass(frozen=True, slots=True)
+class PushDevice:
+    """One browser's Web Push registration: its push service ``endpoint`` and keys (``p256dh``, ``auth``,
+    base64url as the browser gave them), whose it is (``owner``: ``user:<id>``, or ``ip:<address>`` for an
+    anonymous registration; what the per-user cap counts), its ``user`` ("" anonymous) and the
+    ``channels`` it wants pushes of."""
+
+    endpoint: str
+    p256dh: str
+    auth: str
+    owner: str
+    user: str
+    channels: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "p256dh": self.p256dh,
+            "auth": self.auth,
+            "owner": self.owner,
+            "user": self.user,
+            "channels": list(self.channels),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> PushDevice:
+        return cls(
+            obj["endpoint"], obj["p256dh"], obj["auth"], obj["owner"], obj["user"], tuple(obj["channels"])
+        )
+
+
+class PushLimitError(Exception):
+    """A registration would exceed a cap (``scope``: "owner" for the per-user one, "server" for all)."""
+
+    def __init__(self, scope: str, limit: int) -> None:
+        super().__init__(f"at most {limit} push subscriptions per {'user' if scope == 'owner' else 'server'}")
+        self.scope = scope
+        self.limit = limit
+
+
+class PushStore(Protocol):
+    """Where the Web Push registrations live, durable as the broker is (memory: not at all; SQLite: a
+    table; Redis: keys), and the cross-node "user online" signal for ``push = "offline"``.
+
+    Writes and reads raise :class:`BrokerError` when the storage is unreachable."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def add(self, device: PushDevice, *, max_per_owner: int, max_total: int) -> None:
+        """Register ``device``, replacing an earlier registration of the same endpoint (its channels,
+        keys and owner). :class:`PushLimitError` when its owner already has ``max_per_owner`` other
+        devices, or the server ``max_total``."""
+        ...
+
+    async def remove(self, endpoint: str) -> PushDevice | None:
+        """Unregister the device of ``endpoint``; the removed one, or None if there was none."""
+        ...
+
+    async def get(self, endpoint: str) -> PushDevice | None:
+        """The device registered with ``endpoint``, if any."""
+        ...
+
+    async def devices(self, channel: str) -> list[PushDevice]:
+        """The devices registered for ``channel``."""
+        ...
+
+    def set_online(self, user: str, online: bool) -> None:
+        """This node got its first live connection of ``user`` (True) or lost its last one (False);
+        never blocks. Stores that serve one node need not remember anything."""
+        ...
+
+    async def online_elsewhere(self, users: Iterable[str]) -> set[str]:
+        """Which of ``users`` have a live connection on another node (always empty for one node)."""
+        ...
+
+
+@runtime_checkable
+class StoresPush(Protocol):
+    """A broker that keeps Web Push registrations (every shipped one)."""
+
+    def push_store(self, *, online_ttl: float) -> PushStore: ...

@@ -20,6 +20,7 @@ from .base import (
     new_epoch,
 )
 from .idempotency import KeyCache
+from .push_local import LocalPushStore
 from .stream import Stream, StreamSet, empty_result, now_ms
 
 __all__ = ["MemoryBroker"]
@@ -32,6 +33,10 @@ class MemoryBroker(OneNode):
     """History lives in :class:`Stream` objects, bounded in count per channel and in bytes over all
     channels (``max_history_bytes``: the channels published to least recently lose their history first).
     Publications are delivered on the loop after ``publish_many`` returns (never inside the caller)."""
+
+    def push_store(self, *, online_ttl: float) -> LocalPushStore:
+        """Web Push registrations in memory: not durable, a restart forgets them (docs/devices.md)."""
+        return LocalPushStore(None)
 
     def __init__(
         self, *, max_history_bytes: int = 256 << 20, idempotency: IdempotencyOptions | None = None

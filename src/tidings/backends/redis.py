@@ -55,6 +55,7 @@ from .base import (
     Repeat,
 )
 from .redis_presence import RedisPresence
+from .redis_push import RedisPushStore
 
 try:
     import redis.asyncio as aioredis
@@ -83,13 +84,14 @@ log = logging.getLogger("tidings.redis")
 
 # One script call publishes up to PUBLISH_PER_CALL publications, in order, one reply each. Per publication:
 # KEYS: meta, stream, idempotency key (meta again when there is none), the shared epoch0, the channel's
-#       in-memory marker
+#       in-memory marker, the channel's idempotency keys by expiry (a sorted set)
 # ARGV: data, info ('' = none), id, size, ttl ms, meta ttl ms, a fresh epoch (epoch0 when it is gone),
-#       key? ('1'/''), key window ms, pubsub channel, epoch0 ttl ms, durable? ('1' = appendfsync always)
+#       key? ('1'/''), key window ms, pubsub channel, epoch0 ttl ms, durable? ('1' = appendfsync always),
+#       keys kept per channel at most (the oldest are forgotten first)
 # What is the same for every publication of a channel in the call (its epoch, the marker, the TTLs, the
-# expiry of old head entries) is done once per channel; per publication it is the idempotency check, the
-# offset increment, XADD and PUBLISH. (Run per publication, that shared part was most of Redis's CPU:
-# bench/results/2026-12-03-redis-script.md.)
+# expiry of old head entries, the cap on its idempotency keys) is done once per channel; per publication
+# it is the idempotency check, the offset increment, XADD and PUBLISH. (Run per publication, that shared
+# part was most of Redis's CPU: bench/results/2026-12-03-redis-script.md.)
 # A new stream starts in epoch0, the epoch every node reads a never-published channel in; when Redis lost
 # epoch0 (restarted empty), a fresh one is made here, so a recreated stream never reuses an old epoch.
 # The marker is written with replication off, so it is in no AOF and on no replica: a channel that has
@@ -103,8 +105,8 @@ local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local z = '\\0'
 local chans, order, out = {}, {}, {}
-for i = 0, #KEYS / 5 - 1 do
-  local k, a = i * 5, i * 12
+for i = 0, #KEYS / 6 - 1 do
+  local k, a = i * 6, i * 13
   local meta = KEYS[k + 1]
   local keyed = ARGV[a + 8] == '1'
   local hit = keyed and redis.call('GET', KEYS[k + 3])
@@ -129,7 +131,8 @@ for i = 0, #KEYS / 5 - 1 do
       redis.call('SET', KEYS[k + 5], '1', 'PX', ARGV[a + 6])
       redis.set_repl(redis.REPL_ALL)
       c = {epoch = epoch, stream = KEYS[k + 2], size = tonumber(ARGV[a + 4]),
-           ttl = tonumber(ARGV[a + 5]), mttl = ARGV[a + 6]}
+           ttl = tonumber(ARGV[a + 5]), mttl = ARGV[a + 6], keys = KEYS[k + 6], keyed = false,
+           window = ARGV[a + 9], cap = tonumber(ARGV[a + 13])}
       chans[meta] = c
       order[#order + 1] = meta
     end
@@ -142,6 +145,8 @@ for i = 0, #KEYS / 5 - 1 do
                .. z .. ARGV[a + 2] .. z .. ARGV[a + 1])
     if keyed then
       redis.call('SET', KEYS[k + 3], top .. z .. c.epoch .. z .. ARGV[a + 3], 'PX', ARGV[a + 9])
+      redis.call('ZADD', c.keys, ms + tonumber(ARGV[a + 9]), KEYS[k + 3])
+      c.keyed = true
     end
     out[i + 1] = {0, top, c.epoch, ms}
   end
@@ -164,6 +169,15 @@ for _, meta in ipairs(order) do
     redis.call('DEL', c.stream)
   end
   redis.call('PEXPIRE', meta, c.mttl)
+  if c.keyed then
+    redis.call('ZREMRANGEBYSCORE', c.keys, '-inf', ms)
+    local over = redis.call('ZCARD', c.keys) - c.cap
+    if over > 0 then
+      local old = redis.call('ZPOPMIN', c.keys, over)
+      for j = 1, #old, 2 do redis.call('DEL', old[j]) end
+    end
+    redis.call('PEXPIRE', c.keys, c.window)
+  end
 end
 return out
 """
@@ -404,6 +418,10 @@ class RedisBroker:
             self.redis_client, prefix=self.prefix, ttl=ttl, timeout=self.timeout, limit=limit
         )
 
+    def push_store(self, *, online_ttl: float) -> RedisPushStore:
+        """Web Push registrations and the "user online" signal in this Redis (``backends/redis_push.py``)."""
+        return RedisPushStore(self.redis_client, prefix=self.prefix, ttl=online_ttl, timeout=self.timeout)
+
     def _key(self, channel: str, kind: str) -> str:
         return f"{self.prefix}:{{{channel}}}:{kind}"
 
@@ -555,12 +573,13 @@ class RedisBroker:
         meta = self._key(r.channel, "m")
         ttl_ms = max(1, int(r.opts.ttl * 1000))
         return (
-            5,
+            6,
             meta,
             self._key(r.channel, "s"),
             self._key(r.channel, f"k:{r.key}") if r.key else meta,
             self._epoch0_for(r.channel),
             self._key(r.channel, "b"),
+            self._key(r.channel, "ki"),
             r.raw,
             r.raw_info or b"",
             pid,
@@ -573,6 +592,7 @@ class RedisBroker:
             self._key(r.channel, "p"),
             EPOCH0_TTL_MS,
             "1" if self._publish_durable() else "",
+            self.idempotency.max_keys,
         )
 
     async def _run_publish(self, reqs: list[PublishRequest]) -> PublishResult:
@@ -583,8 +603,8 @@ class RedisBroker:
             args: list[Any] = []
             for r, pid in zip(reqs[start : start + PUBLISH_PER_CALL], ids[start:], strict=False):
                 argv = self._publish_argv(r, pid)
-                keys += argv[1:6]
-                args += argv[6:]
+                keys += argv[1:7]
+                args += argv[7:]
             calls.append((keys, args))
         for attempt in (0, 1):
             cmds: list[tuple[Any, ...]] = [

@@ -38,6 +38,7 @@ from .base import (
     land,
     new_epoch,
 )
+from .push_local import LocalPushStore
 from .stream import Stream, StreamSet, now_ms
 
 __all__ = ["SqliteBroker"]
@@ -150,6 +151,10 @@ class SqliteBroker(OneNode):
         # Idempotency keys in the database: durable across restarts, bounded in time and count.
         self.idempotency = idempotency or IdempotencyOptions()
         self.idempotency_keys = 0  # rows in the idempotency table (an upper bound between sweeps)
+
+    def push_store(self, *, online_ttl: float) -> LocalPushStore:
+        """Web Push registrations in a table of this broker's file (``backends/push_local.py``)."""
+        return LocalPushStore(self.path)
 
     # ------------------------------------------------------------------------------ lifecycle
 

@@ -54,9 +54,16 @@ _STATUS_CODES = {
 }
 
 
+JSON_ERROR_PATHS = frozenset({"/sse", "/stream", "/poll"})  # besides /api/: JSON errors there too
+
+
+def _json_errors(path: str) -> bool:
+    return path.startswith("/api/") or path in JSON_ERROR_PATHS
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every /api/ error is JSON with a stable code."""
+    """Every /api/ error (and every /sse, /stream, /poll one) is JSON with a stable code."""
     try:
         return await handler(request)
     except ApiError as exc:
@@ -68,14 +75,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except BrokerError as exc:
         return error_response(ErrorCode.UNAVAILABLE, str(exc))
     except web.HTTPException as exc:
-        if not request.path.startswith("/api/") or exc.status < 400:
+        if not _json_errors(request.path) or exc.status < 400:
             raise
         code = _STATUS_CODES.get(
             exc.status, ErrorCode.INTERNAL if exc.status >= 500 else ErrorCode.BAD_REQUEST
         )
         return error_response(code, exc.reason, exc.status)
     except Exception:
-        if not request.path.startswith("/api/"):
+        if not _json_errors(request.path):
             raise
         log.exception("API request failed: %s %s", request.method, request.path)
         return error_response(ErrorCode.INTERNAL, "internal error")

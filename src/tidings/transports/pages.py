@@ -42,7 +42,8 @@ PAGE_HISTORY = 100
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
+    "connect-src 'self'; worker-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; "
+    "object-src 'none'"
 )
 
 _env = jinja2.Environment(
@@ -229,9 +230,20 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther(location="/" if room == "lobby" else f"/chat/{room}")
 
 
+async def service_worker(request: web.Request) -> web.StreamResponse:
+    """The chat page's service worker (Web Push notifications), at the root so that its scope is ``/``
+    (no ``Service-Worker-Allowed`` needed). ``no-cache``: the browser revalidates it on every update check,
+    so a new version of the server's worker is picked up at the next page load."""
+    return web.FileResponse(
+        WEB_DIR / "static" / "sw.js",
+        headers={"Content-Type": "text/javascript; charset=utf-8", "Cache-Control": "no-cache"},
+    )
+
+
 def page_routes() -> list[web.AbstractRouteDef]:
     return [
         web.get("/", chat_page),
+        web.get("/sw.js", service_worker),
         web.get("/chat/{room}", chat_page),
         web.post("/chat/{room}/messages", post_message),
         web.static("/static", WEB_DIR / "static", append_version=False),

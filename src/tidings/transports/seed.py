@@ -90,7 +90,7 @@ class ChatSocket(WsProtocol):
     logged, and a client that keeps being refused is closed (4030)."""
 
     __slots__ = ()
-    TRANSPORT = "chatsocket"
+    transport_name = "chatsocket"
 
     def __init__(
         self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
@@ -158,7 +158,7 @@ class EchoSocket(WsProtocol):
     what came in (an 81-byte frame that inflates to 64 KiB is answered with about 81 bytes, not 64 KiB)."""
 
     __slots__ = ()
-    TRANSPORT = "echo"
+    transport_name = "echo"
 
     def _echo(self, opcode: int, payload: bytes) -> None:
         self.msgs_out += 1

@@ -139,7 +139,7 @@ class _EdgeHandler(RequestHandler):
             peer = transport.get_extra_info("peername")
             ip = peer[0] if isinstance(peer, tuple) and peer else ""
             per_ip = not in_networks(ip, self.trusted)
-            ws = self.ws_limits.total if self.ws_limits is not None else 0
+            ws = self.ws_limits.total - self.ws_limits.http if self.ws_limits is not None else 0
             if self.room and self.limiter.total + ws >= self.room:
                 self._refuse(transport, ip, per_ip, "the open-files limit")  # type: ignore[arg-type]
                 return

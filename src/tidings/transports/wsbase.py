@@ -17,11 +17,13 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiohttp import web
 
 from ..auth import TokenError
 from ..limits import client_ip
+from ..logs import session_ended
 from ..node import NODE, Node
 from ..policy import Session
 from ..protocol import CLOSE_REASONS, CloseCode, ErrorCode, Event, Format, Publication, encoded
@@ -42,14 +44,15 @@ __all__ = [
     "CLOSE_GRACE",
     "HEARTBEAT",
     "MAX_REFUSED",
+    "BufferedConnection",
     "Heartbeat",
     "WsProtocol",
+    "take_over",
     "token_close_code",
     "upgrade",
 ]
 
 log = logging.getLogger("tidings.ws")
-SESSION = logging.getLogger("tidings.session")  # (logs.SESSION: the same logger)
 
 MAX_REFUSED = 50  # commands over the budget in a row before the connection is closed with 4030
 CLOSE_GRACE = 5.0  # seconds a closing peer gets to take its last frames before the socket is aborted
@@ -62,186 +65,70 @@ def token_close_code(exc: TokenError) -> CloseCode:
     return CloseCode.TOKEN_EXPIRED if exc.code is ErrorCode.TOKEN_EXPIRED else CloseCode.UNAUTHORIZED
 
 
-class WsProtocol(asyncio.Protocol):
-    """One WebSocket peer: frames in (:meth:`on_text`), frames out (:meth:`offer`), closing by the RFC.
-    It is also the hub's sink: :meth:`push` renders a publication or event in this transport's wire
-    format (``format``, through the item's per-format cache) and queues it.
-
-    Subclasses implement :meth:`on_text`, and may extend :meth:`start`, :meth:`detach` and
-    :meth:`allow_ping`."""
+class BufferedConnection(asyncio.Protocol):
+    """What every connection the server writes pushes to shares (the WebSocket ones, SSE, NDJSON
+    streams): an outgoing queue bounded in bytes, flushed once per loop iteration (``Flusher``), a peer
+    too slow for it cut off (:meth:`close` with 4008), and the drain that paces replays
+    (:meth:`writable`). Subclasses set the slots in their ``__init__`` and implement :meth:`close`."""
 
     __slots__ = (
-        "_abort_handle",
         "_buffer",
         "_buffered",
         "_closing",
-        "_conn",
         "_drained",
         "_flusher",
-        "_refused",
         "_t0",
         "_tbuf",
-        "client_id",
         "close_code",
-        "counted",
-        "deflate",
-        "format",
-        "ip",
         "msgs_in",
         "msgs_out",
         "node",
-        "pinged",
-        "rx",
-        "session",
         "transport",
     )
-    IN_BAND_AUTH = False  # True where the protocol has its own way to authenticate after the upgrade
-    TRANSPORT = "ws"  # the name in session log lines (``tidings.session``)
+    transport_name = "ws"  # the transport's name in session log lines (``tidings.session``) and metrics
 
-    def __init__(
-        self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
-    ) -> None:
-        self.node = node
-        self.transport = transport
-        self.ip = ip
-        self._flusher = flusher
-        self.deflate = deflate
-        self.counted = False  # holds a place in the connection limits
-        self.session = Session(node.policy, ip)
-        self.client_id = self.session.client_id
-        self.format: Format = ws_zframe if deflate else ws_frame
-        self._drained: asyncio.Future[None] | None = None  # set while a replay waits for the drain
-        self._refused = 0
-        settings = node.settings
-        self._conn = Connection(  # the WebSocket rules, sans I/O; this object only moves bytes
-            settings.max_message_size,
-            deflate=deflate,
-            max_fragments=settings.max_fragments,
-            frame_rate=settings.ws_frame_rate,
-            inflate_rate=settings.ws_inflate_rate,
-        )
-        self._buffer: list[bytes] = []
-        self._buffered = 0
-        self._tbuf = 0  # the transport's buffer after the last flush: an upper bound until the next one
-        self._closing = False
-        self.rx = True  # something arrived since the last heartbeat tick
-        self.pinged = False
-        self._abort_handle: asyncio.TimerHandle | None = None
+    node: Node
+    transport: asyncio.Transport
+    _flusher: Flusher
+    _buffer: list[bytes]
+    _buffered: int
+    _tbuf: int  # the transport's buffer after the last flush: an upper bound until the next one
+    _closing: bool
+    _drained: asyncio.Future[None] | None  # set while a replay waits for the drain
+    # The session's figures, for its end line (``logs.session_ended``): set by :meth:`_begin`.
+    _t0: float  # time.monotonic() at the start
+    msgs_in: int  # data messages received
+    msgs_out: int  # data messages queued: publications, events and replies
+    close_code: int | None  # how it was closed (the close handshake's code, whoever started it)
+
+    def _begin(self) -> None:
         self._t0 = time.monotonic()
-        self.msgs_in = 0  # data messages received
-        self.msgs_out = 0  # data messages queued: pushes and replies
-        self.close_code: int | None = None  # of the close handshake, whoever started it
+        self.msgs_in = 0
+        self.msgs_out = 0
+        self.close_code = None
 
-    # ------------------------------------------------------------------------------ hooks
+    def _ended(self, exc: Exception | None, client_id: str, ip: str, user: str) -> None:
+        """The session is over (``connection_lost``): its one session line."""
+        session_ended(
+            self.transport_name,
+            client_id,
+            ip,
+            user,
+            self.close_code,
+            self._t0,
+            self.msgs_in,
+            self.msgs_out,
+            exc,
+        )
 
-    def on_text(self, payload: bytes) -> None:
-        """A complete text message (valid UTF-8) arrived."""
+    def close(self, code: CloseCode, reason: str | None = None) -> None:
         raise NotImplementedError
 
-    @property
-    def user(self) -> str:
-        return self.session.user
-
-    @property
-    def closed(self) -> bool:
-        return self._closing
-
-    def start(self, tail: bytes, request: web.Request) -> None:
-        """Called once the handshake response is written and this object owns the transport: the
-        ``?token=`` of the upgrade request authenticates; without one, a server that refuses anonymous
-        clients gives an in-band protocol ``auth_timeout`` seconds and closes the others (4001)."""
-        self.register()
-        token = request.query.get("token")
-        if token is not None:
-            try:
-                self.authenticate(token)
-            except TokenError as exc:
-                self.close(token_close_code(exc))
-                return
-        elif not self.node.settings.allow_anonymous:
-            if not self.IN_BAND_AUTH:
-                self.close(CloseCode.UNAUTHORIZED, "this server needs a connection token (?token=)")
-                return
-            self.on_anonymous()
-        if tail:
-            self.data_received(tail)
-
-    def authenticate(self, token: str) -> None:
-        """Verify a connection token; a bad one counts against the address (TokenError)."""
-        try:
-            self.session.authenticate(token)
-        except TokenError:
-            self.node.auth_failures.fail(self.ip)
-            raise
-
-    def spend(self) -> bool:
-        """One command (message) from the session's budget. False when refused; a client refused
-        MAX_REFUSED times in a row is closed (4030)."""
-        if self.session.take():
-            self._refused = 0
-            return True
-        self._refused += 1
-        if self._refused > MAX_REFUSED:
-            self.close(CloseCode.RATE_LIMITED)
-        return False
-
-    def on_anonymous(self) -> None:
-        """An anonymous connection on a server that needs tokens, with a protocol that can send one."""
-
-    def register(self) -> None:
-        """Count this connection in the node and start reading."""
-        self.node.connections.add(self)
-        self.node.drained.clear()
-        # writable() waits for resume_writing(), which asyncio calls only after pause_writing(): both
-        # thresholds are set here so that they match.
-        self.transport.set_write_buffer_limits(high=self._high_water())
-        self.transport.resume_reading()
+    def beat(self) -> None:
+        """One tick of the node's :class:`Heartbeat` (every ``ping_interval`` seconds)."""
 
     def _high_water(self) -> int:
         return max(1, self.node.settings.max_buffer // 4)
-
-    def detach(self) -> None:
-        """Leave every channel (runs on the loop soon after closing starts, never inside close())."""
-        self.node.subscriptions.drop(self)
-
-    def lost(self, channel: str) -> None:
-        """A subscription the node could not keep gapless was ended (``Sink.lost``). A protocol without
-        positions cannot resubscribe on its own: the connection is closed with 1012 (reconnect)."""
-        self.close(CloseCode.SERVICE_RESTART)
-
-    def on_binary(self, payload: bytes) -> None:
-        """A complete binary message arrived; by default refused (1003)."""
-        self.close(CloseCode.UNSUPPORTED_DATA)
-
-    def allow_ping(self) -> bool:
-        return True
-
-    def after_frames(self) -> None:
-        """Called after the messages of one read were handled (to act on them together)."""
-
-    def last_words(self, code: CloseCode, reason: str) -> bytes | None:
-        """A frame to send just before the close frame (the protocol's own "why"), or None."""
-        return None
-
-    # ------------------------------------------------------------------------------ sending
-
-    def push(self, item: Publication | Event) -> None:
-        """The fan-out's hot path, once per subscriber: :meth:`offer` with its common case inlined."""
-        try:  # the bytes of this format are usually built already
-            frame = item.cache[self.format]  # type: ignore[index]
-        except (KeyError, TypeError):  # not yet (TypeError: no cache at all yet)
-            frame = encoded(item, self.format)
-        if frame is None or self._closing:
-            return
-        self.msgs_out += 1
-        size = self._buffered + len(frame)
-        if size + self._tbuf > self.node.settings.max_buffer:
-            self.offer(frame)  # the limit's rule
-            return
-        if not self._buffer:
-            self._flusher.mark(self)
-        self._buffer.append(frame)
-        self._buffered = size
 
     def offer(self, frame: bytes) -> bool:
         """Queue a frame without blocking; False when closed, or when the peer is too slow (closed 4008).
@@ -301,6 +188,172 @@ class WsProtocol(asyncio.Protocol):
             transport.write(data)
             self._tbuf = transport.get_write_buffer_size()
 
+
+class WsProtocol(BufferedConnection):
+    """One WebSocket peer: frames in (:meth:`on_text`), frames out (:meth:`offer`), closing by the RFC.
+    It is also the hub's sink: :meth:`push` renders a publication or event in this transport's wire
+    format (``format``, through the item's per-format cache) and queues it.
+
+    Subclasses implement :meth:`on_text`, and may extend :meth:`start`, :meth:`detach` and
+    :meth:`allow_ping`."""
+
+    __slots__ = (
+        "_abort_handle",
+        "_conn",
+        "_refused",
+        "client_id",
+        "counted",
+        "deflate",
+        "format",
+        "ip",
+        "pinged",
+        "rx",
+        "session",
+    )
+    IN_BAND_AUTH = False  # True where the protocol has its own way to authenticate after the upgrade
+
+    def __init__(
+        self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
+    ) -> None:
+        self.node = node
+        self.transport = transport
+        self.ip = ip
+        self._flusher = flusher
+        self.deflate = deflate
+        self.counted = False  # holds a place in the connection limits
+        self.session = Session(node.policy, ip)
+        self.client_id = self.session.client_id
+        self.format: Format = ws_zframe if deflate else ws_frame
+        self._drained: asyncio.Future[None] | None = None  # set while a replay waits for the drain
+        self._refused = 0
+        settings = node.settings
+        self._conn = Connection(  # the WebSocket rules, sans I/O; this object only moves bytes
+            settings.max_message_size,
+            deflate=deflate,
+            max_fragments=settings.max_fragments,
+            frame_rate=settings.ws_frame_rate,
+            inflate_rate=settings.ws_inflate_rate,
+        )
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._tbuf = 0  # the transport's buffer after the last flush: an upper bound until the next one
+        self._closing = False
+        self.rx = True  # something arrived since the last heartbeat tick
+        self.pinged = False
+        self._abort_handle: asyncio.TimerHandle | None = None
+        self._begin()
+
+    # ------------------------------------------------------------------------------ hooks
+
+    def on_text(self, payload: bytes) -> None:
+        """A complete text message (valid UTF-8) arrived."""
+        raise NotImplementedError
+
+    @property
+    def user(self) -> str:
+        return self.session.user
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def start(self, tail: bytes, request: web.Request) -> None:
+        """Called once the handshake response is written and this object owns the transport: the
+        ``?token=`` of the upgrade request authenticates; without one, a server that refuses anonymous
+        clients gives an in-band protocol ``auth_timeout`` seconds and closes the others (4001)."""
+        self.register()
+        token = request.query.get("token")
+        if token is not None:
+            try:
+                self.authenticate(token)
+            except TokenError as exc:
+                self.close(token_close_code(exc))
+                return
+        elif not self.node.settings.allow_anonymous:
+            if not self.IN_BAND_AUTH:
+                self.close(CloseCode.UNAUTHORIZED, "this server needs a connection token (?token=)")
+                return
+            self.on_anonymous()
+        if tail:
+            self.data_received(tail)
+
+    def authenticate(self, token: str) -> None:
+        """Verify a connection token; a bad one counts against the address (TokenError)."""
+        before = self.session.user
+        try:
+            self.session.authenticate(token)
+        except TokenError:
+            self.node.auth_failures.fail(self.ip)
+            raise
+        if not before and self.session.user and self in self.node.connections:
+            self.node.push.connected(self.session.user)  # online here: "offline" Web Push skips them
+
+    def spend(self) -> bool:
+        """One command (message) from the session's budget. False when refused; a client refused
+        MAX_REFUSED times in a row is closed (4030)."""
+        if self.session.take():
+            self._refused = 0
+            return True
+        self._refused += 1
+        if self._refused > MAX_REFUSED:
+            self.close(CloseCode.RATE_LIMITED)
+        return False
+
+    def on_anonymous(self) -> None:
+        """An anonymous connection on a server that needs tokens, with a protocol that can send one."""
+
+    def register(self) -> None:
+        """Count this connection in the node and start reading."""
+        self.node.connections.add(self)
+        self.node.drained.clear()
+        # writable() waits for resume_writing(), which asyncio calls only after pause_writing(): both
+        # thresholds are set here so that they match.
+        self.transport.set_write_buffer_limits(high=self._high_water())
+        self.transport.resume_reading()
+
+    def detach(self) -> None:
+        """Leave every channel (runs on the loop soon after closing starts, never inside close())."""
+        self.node.subscriptions.drop(self)
+
+    def lost(self, channel: str) -> None:
+        """A subscription the node could not keep gapless was ended (``Sink.lost``). A protocol without
+        positions cannot resubscribe on its own: the connection is closed with 1012 (reconnect)."""
+        self.close(CloseCode.SERVICE_RESTART)
+
+    def on_binary(self, payload: bytes) -> None:
+        """A complete binary message arrived; by default refused (1003)."""
+        self.close(CloseCode.UNSUPPORTED_DATA)
+
+    def allow_ping(self) -> bool:
+        return True
+
+    def after_frames(self) -> None:
+        """Called after the messages of one read were handled (to act on them together)."""
+
+    def last_words(self, code: CloseCode, reason: str) -> bytes | None:
+        """A frame to send just before the close frame (the protocol's own "why"), or None."""
+        return None
+
+    # ------------------------------------------------------------------------------ sending
+
+    def push(self, item: Publication | Event) -> None:
+        """The fan-out's hot path, once per subscriber: :meth:`offer` with its common case inlined."""
+        try:  # the bytes of this format are usually built already
+            frame = item.cache[self.format]  # type: ignore[index]
+        except (KeyError, TypeError):  # not yet (TypeError: no cache at all yet)
+            frame = encoded(item, self.format)
+        if frame is None or self._closing:
+            return
+        self.msgs_out += 1
+        size = self._buffered + len(frame)
+        if size + self._tbuf > self.node.settings.max_buffer:
+            self.offer(frame)  # the limit's rule
+            return
+        if not self._buffer:
+            self._flusher.mark(self)
+        self._buffer.append(frame)
+        self._buffered = size
+
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         """Say why (a disconnect push), send the close frame, and drop the socket once the peer answered
         (or after CLOSE_GRACE seconds)."""
@@ -336,6 +389,16 @@ class WsProtocol(asyncio.Protocol):
         own fan-out loop): leaving the channels runs on the loop, next."""
         self._wake()
         asyncio.get_running_loop().call_soon(self.detach)
+
+    def beat(self) -> None:
+        """Silent since the last tick: pinged; still silent at the next one: dropped (the peer is gone)."""
+        if self.rx:
+            self.rx = False
+        elif self.pinged:
+            log.info("dropping %s (%s): no pong", self.client_id, self.ip)
+            self.transport.abort()
+        else:
+            self.ping()
 
     def ping(self) -> None:
         if not self._closing:
@@ -385,7 +448,7 @@ class WsProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         node = self.node
-        node.forget(self)
+        node.forget(self)  # a user's connection: Web Push sees them go offline here
         if self.counted:
             self.counted = False
             node.conn_limits.release(self.ip)
@@ -397,39 +460,15 @@ class WsProtocol(asyncio.Protocol):
             self._abort_handle.cancel()
             self._abort_handle = None
         self._buffer.clear()
-        if SESSION.isEnabledFor(logging.INFO):
-            self._log_end(exc)
-
-    def _log_end(self, exc: Exception | None) -> None:
-        """The session's one ``tidings.session`` line (the JSON log format has them)."""
-        code = self.close_code if self.close_code is not None else 1006  # 1006: no close handshake
-        secs = round(time.monotonic() - self._t0, 3)
-        SESSION.info(
-            "%s session %s (%s) ended: %d, %.1f s, %d in, %d out",
-            self.TRANSPORT,
-            self.client_id,
-            self.ip,
-            code,
-            secs,
-            self.msgs_in,
-            self.msgs_out,
-            extra={
-                "transport": self.TRANSPORT,
-                "client_id": self.client_id,
-                "client": self.ip,
-                "user": self.session.user,
-                "close_code": code,
-                "duration_s": secs,
-                "messages_in": self.msgs_in,
-                "messages_out": self.msgs_out,
-                "error": str(exc) if exc is not None else None,
-            },
-        )
+        if self.close_code is None:
+            self.close_code = 1006  # no close handshake
+        self._ended(exc, self.client_id, self.ip, self.session.user)
 
 
 class Heartbeat:
-    """One timer for every connection: each tick, a connection that sent nothing since the last tick is
-    pinged; one that then stays silent for another tick is dropped (its peer is gone)."""
+    """One timer for every connection: each tick calls every connection's ``beat`` (a WebSocket that sent
+    nothing since the last tick is pinged, and dropped when it then stays silent for another tick; an
+    HTTP stream gets its keep-alive and its write timeout)."""
 
     def __init__(self, node: Node, interval: float) -> None:
         self.node = node
@@ -447,15 +486,8 @@ class Heartbeat:
 
     def _tick(self) -> None:
         for conn in list(self.node.connections):
-            if not isinstance(conn, WsProtocol):
-                continue
-            if conn.rx:
-                conn.rx = False
-            elif conn.pinged:
-                log.info("dropping %s (%s): no pong", conn.client_id, conn.ip)
-                conn.transport.abort()
-            else:
-                conn.ping()
+            if isinstance(conn, BufferedConnection):
+                conn.beat()
         self._handle = asyncio.get_running_loop().call_later(self.interval, self._tick)
 
 
@@ -537,6 +569,34 @@ def _wants_deflate(request: web.Request) -> bool:
     return False
 
 
+P = TypeVar("P", bound=BufferedConnection)
+
+
+def take_over(request: web.Request, head: bytes, make: Callable[[asyncio.Transport], P]) -> P:
+    """Write ``head`` (a whole HTTP response head) ourselves and hand the socket over from aiohttp to
+    the protocol object ``make`` builds: aiohttp's request handler lets go of the transport (so it neither
+    writes a response nor closes it) and is released (its slot in the HTTP connection cap with it); the
+    new object becomes the transport's protocol, with reading paused. The request handler must then
+    return at once (any response: it is never sent). Used by the WebSocket upgrade and the HTTP streams
+    (SSE, NDJSON)."""
+    transport = request.transport
+    handler = request.protocol
+    if transport is None or transport.is_closing():
+        raise web.HTTPBadRequest(text="connection closed\n")
+    # (uvloop's transports are not registered asyncio.Transport subclasses: no isinstance check here)
+    transport.pause_reading()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:  # pushes are small and latency matters: no Nagle delay
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = make(transport)
+    transport.write(head)
+    transport.set_protocol(conn)
+    handler.transport = None
+    handler.connection_lost(None)
+    return conn
+
+
 async def upgrade(
     request: web.Request, make: Callable[[Node, asyncio.Transport, str, Flusher, bool], WsProtocol]
 ) -> web.StreamResponse:
@@ -552,10 +612,6 @@ async def upgrade(
             text="too many failed authentications\n", headers={"Retry-After": str(int(wait) + 1)}
         )
     accept = _accept(request)
-    transport = request.transport
-    handler = request.protocol
-    if transport is None or transport.is_closing():
-        raise web.HTTPBadRequest(text="connection closed\n")
     deflate = settings.compression and _wants_deflate(request)
     head = (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -566,20 +622,9 @@ async def upgrade(
             b"Sec-WebSocket-Extensions: permessage-deflate; "
             b"server_no_context_takeover; client_no_context_takeover\r\n"
         )
-    # Take the socket over from aiohttp: its request handler lets go of the transport (so it neither
-    # writes a response nor closes it) and is released; the new object becomes the transport's protocol.
-    # (uvloop's transports are not registered asyncio.Transport subclasses: no isinstance check here)
-    transport.pause_reading()
-    sock = transport.get_extra_info("socket")
-    if sock is not None:  # pushes are small and latency matters: no Nagle delay
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    tail = bytes(getattr(handler, "_message_tail", b""))
-    conn = make(node, transport, ip, request.app[FLUSHER], deflate)
-    transport.write(head + b"\r\n")
-    transport.set_protocol(conn)
-    handler.transport = None
-    handler.connection_lost(None)
+    tail = bytes(getattr(request.protocol, "_message_tail", b""))
+    conn = take_over(request, head + b"\r\n", lambda t: make(node, t, ip, request.app[FLUSHER], deflate))
+    transport = conn.transport
     conn.counted = node.conn_limits.acquire(ip)
     if not conn.counted:
         transport.resume_reading()  # to see the peer's answer to the close frame

@@ -331,6 +331,193 @@
       noticeTimer = setTimeout(function () { noticeEl.hidden = true; }, 6000);
     }
 
+    // ------------------------------------------------------------------------ web push (opt-in)
+    //
+    // "Notify me": a Web Push subscription of this browser for this room's channel, so that the service
+    // worker (/sw.js) shows a notification while no page of the room is visible, even with the tab closed.
+    // The rooms this browser gets pushes for are kept in localStorage: the server's registration is
+    // replaced by the whole list on every change. Servers without Web Push answer 404: said in words.
+
+    var PUSH_KEY = "tidings.push.channels";
+    // A browser that cannot reach its push service may never answer subscribe() (Chromium without
+    // network: minutes); give up after this and say so.
+    var SUBSCRIBE_TIMEOUT_MS = 15000;
+    var notifyBtn = $("notify");
+    var notifyLabel = notifyBtn ? notifyBtn.querySelector(".notify-label") || notifyBtn : null;
+    var pushBusy = false;
+
+    function pushSupported() {
+      return "serviceWorker" in navigator && "PushManager" in window && "Notification" in window &&
+        window.isSecureContext !== false;
+    }
+    function pushChannels() {
+      try {
+        var list = JSON.parse(storageGet(PUSH_KEY) || "[]");
+        return Array.isArray(list) ? list.filter(function (c) { return typeof c === "string"; }) : [];
+      } catch (e) { return []; }
+    }
+    function setPushChannels(list) { storageSet(PUSH_KEY, JSON.stringify(list)); }
+    function showPush(on) {
+      notifyLabel.textContent = on ? "Stop notifications" : "Notify me";
+      notifyBtn.setAttribute("aria-pressed", on ? "true" : "false");
+      notifyBtn.title = on ? "Stop notifications for #" + room : "Get a notification for new messages in #" + room + " while this page is not open";
+    }
+    function pushError(message) {
+      var err = new Error(message);
+      err.shown = true;
+      return err;
+    }
+    /** The applicationServerKey: base64url (no padding) to bytes. */
+    function keyBytes(b64) {
+      var s = String(b64).replace(/-/g, "+").replace(/_/g, "/");
+      while (s.length % 4) s += "=";
+      var raw = window.atob(s);
+      var out = new Uint8Array(raw.length);
+      for (var i = 0; i < raw.length; i++) out[i] = raw.charCodeAt(i);
+      return out;
+    }
+    function sameKey(sub, key) {
+      var k = sub && sub.options && sub.options.applicationServerKey;
+      if (!k) return false;
+      var a = new Uint8Array(k);
+      return a.length === key.length && a.every(function (b, i) { return b === key[i]; });
+    }
+    /** A JSON call to the push endpoints, with the page's own credentials (same-origin cookies). */
+    function pushCall(method, path, body) {
+      return fetch(path, {
+        method: method,
+        credentials: "same-origin",
+        headers: body === undefined ? { Accept: "application/json" } : { "Content-Type": "application/json", Accept: "application/json" },
+        body: body === undefined ? undefined : JSON.stringify(body),
+      }).then(function (resp) {
+        if (resp.ok) return resp.status === 204 ? null : resp.json().catch(function () { return null; });
+        if (resp.status === 404 || resp.status === 405 || resp.status === 501) {
+          throw pushError("notifications are not set up on this server");
+        }
+        return resp.json().catch(function () { return null; }).then(function (obj) {
+          var why = obj && obj.error && obj.error.message ? obj.error.message : "HTTP " + resp.status;
+          throw pushError("the server refused (" + why + ")");
+        });
+      }, function () {
+        throw pushError("no connection to the server");
+      });
+    }
+    function pushFailure(err) {
+      if (err && err.shown) return err.message;
+      var name = err && err.name;
+      var msg = (err && err.message) || String(err);
+      if (name === "NotAllowedError") return "notifications are blocked for this site";
+      // Chromium's private (incognito) windows have no Push API and say "Registration failed - permission
+      // denied" although notifications are allowed.
+      if (name === "AbortError" && /permission denied/i.test(msg)) {
+        return "this browser window cannot receive push messages (a private window has none)";
+      }
+      // "Registration failed - push service not available" / "push service error", or no answer at all.
+      if (name === "AbortError" || /push service/i.test(msg)) return "push service unavailable";
+      return msg;
+    }
+
+    /** subscribe() within SUBSCRIBE_TIMEOUT_MS; a subscription that comes after that is dropped again. */
+    function withTimeout(subscribing) {
+      return new Promise(function (resolve, reject) {
+        var late = false;
+        var timer = setTimeout(function () {
+          late = true;
+          reject(pushError("push service unavailable (no answer from the browser's push service)"));
+        }, SUBSCRIBE_TIMEOUT_MS);
+        subscribing.then(function (sub) {
+          clearTimeout(timer);
+          if (late) sub.unsubscribe().catch(function () { /* gone anyway */ });
+          else resolve(sub);
+        }, function (err) {
+          clearTimeout(timer);
+          if (!late) reject(err);
+        });
+      });
+    }
+
+    function subscribePush() {
+      var reg;
+      var key;
+      // The promise form; older Safari only calls back.
+      var asking = new Promise(function (resolve) {
+        var p = Notification.requestPermission(resolve);
+        if (p && typeof p.then === "function") p.then(resolve, function () { resolve("denied"); });
+      });
+      return asking.then(function (perm) {
+        if (perm !== "granted") {
+          throw pushError(perm === "denied" ? "notifications are blocked for this site (allow them in the site settings)" : "notifications were not allowed");
+        }
+        return navigator.serviceWorker.register("/sw.js", { scope: "/" });
+      }).then(function () {
+        return navigator.serviceWorker.ready;
+      }).then(function (r) {
+        reg = r;
+        return pushCall("GET", "/push/vapid-public-key");
+      }).then(function (obj) {
+        if (!obj || typeof obj.publicKey !== "string") throw pushError("the server sent no push key");
+        try { key = keyBytes(obj.publicKey); } catch (e) { throw pushError("the server's push key is not base64url"); }
+        return reg.pushManager.getSubscription();
+      }).then(function (old) {
+        if (old && sameKey(old, key)) return old;
+        // Made with another server key (the server's key changed): a new subscription replaces it.
+        return (old ? old.unsubscribe() : Promise.resolve()).then(function () {
+          return withTimeout(reg.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: key }));
+        });
+      }).then(function (sub) {
+        var channels = pushChannels().filter(function (c) { return c !== channel; }).concat([channel]);
+        return pushCall("POST", "/push/subscriptions", { subscription: sub.toJSON(), channels: channels }).then(function () {
+          setPushChannels(channels);
+        });
+      });
+    }
+
+    function unsubscribePush() {
+      var rest = pushChannels().filter(function (c) { return c !== channel; });
+      var sub = null;
+      return navigator.serviceWorker.getRegistration("/").then(function (reg) {
+        return reg ? reg.pushManager.getSubscription() : null;
+      }).then(function (s) {
+        sub = s;
+        if (!sub) return null;
+        return pushCall("DELETE", "/push/subscriptions", { endpoint: sub.endpoint });
+      }).then(function () {
+        if (!sub) return null;
+        if (rest.length) return pushCall("POST", "/push/subscriptions", { subscription: sub.toJSON(), channels: rest });
+        return sub.unsubscribe();
+      }).then(function () {
+        setPushChannels(sub ? rest : []);
+      });
+    }
+
+    if (notifyBtn && pushSupported()) {
+      notifyBtn.hidden = false;
+      showPush(false);
+      navigator.serviceWorker.getRegistration("/").then(function (reg) {
+        return reg ? reg.pushManager.getSubscription() : null;
+      }).then(function (sub) {
+        if (!pushBusy) showPush(!!sub && pushChannels().indexOf(channel) >= 0);
+      }, function () { /* no registration: stays "Notify me" */ });
+      notifyBtn.addEventListener("click", function () {
+        if (pushBusy) return;
+        pushBusy = true;
+        notifyBtn.disabled = true;
+        var on = notifyBtn.getAttribute("aria-pressed") === "true";
+        (on ? unsubscribePush() : subscribePush()).then(function () {
+          showPush(!on);
+          notifyBtn.dataset.error = "";
+          notice(on ? "Notifications for #" + room + " stopped." : "You will be notified of new messages in #" + room + ".");
+        }, function (err) {
+          var why = pushFailure(err);
+          notifyBtn.dataset.error = why;
+          notice((on ? "Could not stop notifications: " : "Notifications not enabled: ") + why);
+        }).then(function () {
+          pushBusy = false;
+          notifyBtn.disabled = false;
+        });
+      });
+    }
+
     // --------------------------------------------------------------------------------- the client
 
     if (typeof window.Tidings !== "function") {
