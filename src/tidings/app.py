@@ -12,6 +12,7 @@ from aiohttp import web
 from .backends import Broker, BrokerOptions, broker_from_url
 from .config import Settings
 from .logs import access_log
+from .metrics import metrics_listeners
 from .node import NODE, Node
 from .protocol import CloseCode
 from .transports.flush import FLUSHER, Flusher
@@ -58,7 +59,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     app[NODE] = node
     app[FLUSHER] = Flusher()
     app[HEARTBEAT] = heartbeat = Heartbeat(node, settings.ping_interval)
-    app.router.add_routes(api_routes())
+    app.router.add_routes(api_routes(settings))
     app.router.add_routes(push_routes())
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/websocket", echo_handler)
@@ -86,6 +87,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
         await node.close()
 
     app.on_startup.append(on_startup)
+    app.cleanup_ctx.append(metrics_listeners)  # metrics_port; a --workers worker's sibling socket
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app

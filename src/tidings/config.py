@@ -141,6 +141,9 @@ class Settings:
     sqlite_synchronous: str = "normal"
     log_level: str = "info"
     log_format: str = "text"  # text (for people) | json (one object per line, with access lines)
+    metrics: bool = True  # GET /metrics (read/admin key); false: no metrics routes or listeners
+    metrics_host: str = "127.0.0.1"  # with metrics_port: where /metrics answers without a key
+    metrics_port: int = 0  # 0: none (GET /metrics on the main port, with a key)
     # Web Push (docs/devices.md, docs/security.md)
     push_vapid_private_key: str = ""  # path to the VAPID private key (PEM); "" = <data_dir>/vapid_private.pem
     push_subject: str = ""  # mailto: or https: contact for push services; "" = derived from public_url/host
@@ -227,6 +230,9 @@ _SCALARS: dict[str, type] = {
     "sqlite_synchronous": str,
     "log_level": str,
     "log_format": str,
+    "metrics": bool,
+    "metrics_host": str,
+    "metrics_port": int,
     "push_vapid_private_key": str,
     "push_subject": str,
     "push_max_subscriptions_per_user": int,

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from .metrics import Counters
 from .protocol import CloseCode, Event, Publication
 
 __all__ = ["Hub", "Sink"]
@@ -68,8 +69,15 @@ class Hub:
     ``on_interest(channel, False)`` when it loses its last one (a broker between nodes subscribes to the
     channel's live stream only while this node has an interest in it)."""
 
-    def __init__(self, *, max_pending_bytes: int = 1 << 20, on_interest: InterestFn | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_pending_bytes: int = 1 << 20,
+        on_interest: InterestFn | None = None,
+        counters: Counters | None = None,
+    ) -> None:
         self._channels: dict[str, dict[Sink, _Sub]] = {}
+        self.counters = counters or Counters()
         self._max_pending = max_pending_bytes
         self._on_interest = on_interest or _no_interest
 
@@ -131,7 +139,9 @@ class Hub:
                     # Too far behind while catching up: it cannot be made whole, so it is cut off.
                     self.remove(pub.channel, sub.sink)
                     sub.pending = []
+                    self.counters.slow_consumer_closes += 1
                     sub.sink.close(CloseCode.SLOW_CONSUMER)
+        self.counters.deliveries += n  # once per publication, never per subscriber
         return n
 
     def deliver_event(self, event: Event) -> None:

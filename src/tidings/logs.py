@@ -151,30 +151,36 @@ def setup_logging(
 async def access_log(request: web.Request, handler: Any) -> web.StreamResponse:
     """One ``tidings.access`` line per request: method, path (never the query string: it may hold
     ``?token=``), status, duration, the client's address after trusted-proxy resolution. A WebSocket
-    upgrade logs 101 when the upgrade is done; its session's end is a ``tidings.session`` line."""
-    if not ACCESS.isEnabledFor(logging.INFO):
-        return await handler(request)  # type: ignore[no-any-return]
+    upgrade logs 101 when the upgrade is done; its session's end is a ``tidings.session`` line. Also
+    the metrics' HTTP figures: body bytes in and out, 429 answers (``tidings_rate_limited_total``)."""
+    counters = request.app[NODE].counters
+    counters.bytes_received += request.content_length or 0
     t0 = time.perf_counter()
     status = 500
     try:
         resp: web.StreamResponse = await handler(request)
         status = resp.status
+        if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
+            counters.bytes_sent += len(resp.body)
         return resp
     except web.HTTPException as exc:
         status = exc.status
         raise
     finally:
-        ms = round((time.perf_counter() - t0) * 1000, 3)
-        client = client_ip(request, request.app[NODE].trusted_proxies)
-        path = request.rel_url.path
-        ACCESS.info(
-            "%s %s %d %.1f ms",
-            request.method,
-            path,
-            status,
-            ms,
-            extra={"method": request.method, "path": path, "status": status, "ms": ms, "client": client},
-        )
+        if status == 429:
+            counters.rate_limited += 1
+        if ACCESS.isEnabledFor(logging.INFO):
+            ms = round((time.perf_counter() - t0) * 1000, 3)
+            client = client_ip(request, request.app[NODE].trusted_proxies)
+            path = request.rel_url.path
+            ACCESS.info(
+                "%s %s %d %.1f ms",
+                request.method,
+                path,
+                status,
+                ms,
+                extra={"method": request.method, "path": path, "status": status, "ms": ms, "client": client},
+            )
 
 
 def session_ended(

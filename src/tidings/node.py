@@ -4,6 +4,7 @@ the subscription lifecycle."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Protocol
 
@@ -22,11 +23,13 @@ from .backends.push_local import LocalPushStore
 from .config import Settings
 from .hub import Hub
 from .limits import ConnectionLimiter, FailureLimiter, parse_networks
+from .metrics import Counters
 from .policy import Policy
 from .presence import presence_for
 from .protocol import CloseCode, Publication
 from .push import PushService
 from .subscriptions import Subscriptions
+from .workers import WorkerInfo, worker_info
 
 __all__ = ["NODE", "READY_CACHE", "Connection", "Node"]
 
@@ -67,12 +70,17 @@ class Node:
     def __init__(self, settings: Settings, broker: Broker, presence: PresenceStore | None = None) -> None:
         self.settings = settings
         self.broker = broker
+        self.counters = Counters()  # the metrics' plain ints (tidings.metrics): one object per process
+        # With --workers: this worker's place (metrics carry its index); None for a single process.
+        self.worker: WorkerInfo | None = worker_info(os.environ)
         self.policy = Policy(settings)
-        self.hub = Hub(max_pending_bytes=settings.max_buffer, on_interest=broker.interest)
+        self.hub = Hub(
+            max_pending_bytes=settings.max_buffer, on_interest=broker.interest, counters=self.counters
+        )
         self.presence: PresenceStore = presence or presence_for(
             broker, ttl=settings.presence_ttl, limit=settings.presence_limit
         )
-        self.subscriptions = Subscriptions(self.hub, broker, self.presence)
+        self.subscriptions = Subscriptions(self.hub, broker, self.presence, self.counters)
         self.connections: set[Connection] = Connections(self)
         self.drained = asyncio.Event()  # set whenever the last connection goes away
         self.started = time.time()
@@ -104,10 +112,12 @@ class Node:
 
     async def _check_broker(self) -> str | None:
         limit = self.settings.redis_timeout or 5.0  # the SQLite writer gets as long as Redis would
+        t0 = time.perf_counter()
         try:
             async with asyncio.timeout(limit):
                 await self.broker.ping()
             reason = None
+            self.counters.broker_op("ping", time.perf_counter() - t0)
         except BrokerError as exc:
             reason = f"broker: {exc}"
         except TimeoutError:
@@ -143,15 +153,43 @@ class Node:
         finally:
             await self.broker.close()
 
-    def submit(self, reqs: list[PublishRequest], done: PublishDone) -> None:
+    def submit(
+        self, reqs: list[PublishRequest], done: PublishDone, *, source: str, started: float | None = None
+    ) -> None:
         """Hand publish requests that passed the gate to the broker as one group (one queue item, one
         transaction); ``done`` gets the publications in order, or the group's BrokerError.
+
+        ``source`` (``http``, ``ws``, ``chatsocket``, ``page``) and ``started`` (``time.perf_counter()``
+        when the request arrived; default now) are for the metrics: publications by namespace and
+        source, the publish duration up to this acknowledgement and the broker's part of it.
 
         Every publish path comes through here: once the broker acknowledged a group, its publications
         in push namespaces are offered to Web Push (queued, never awaited), on this node only."""
         if self.push.enabled:
             done = self._then_push(done)
-        self.broker.publish_many(reqs, done)
+        self.broker.publish_many(reqs, self._counted(reqs, done, source, started))
+
+    def _counted(
+        self, reqs: list[PublishRequest], done: PublishDone, source: str, started: float | None
+    ) -> PublishDone:
+        counters = self.counters
+        namespace = self.policy.namespace
+        t1 = time.perf_counter()
+        t0 = t1 if started is None else started
+
+        def finish(result: PublishResult | BrokerError) -> None:
+            try:
+                done(result)
+            finally:
+                now = time.perf_counter()
+                counters.broker_op("publish", now - t1)
+                if not isinstance(result, BrokerError):
+                    counters.publish_seconds.observe(now - t0)
+                    for pub in result:
+                        if isinstance(pub, Publication):  # a Repeat stored nothing
+                            counters.published(namespace(pub.channel).name or "_default", source)
+
+        return finish
 
     def _then_push(self, done: PublishDone) -> PublishDone:
         offer = self.push.offer
@@ -167,7 +205,9 @@ class Node:
 
         return finish
 
-    async def publish(self, reqs: list[PublishRequest]) -> PublishResult:
+    async def publish(
+        self, reqs: list[PublishRequest], *, source: str, started: float | None = None
+    ) -> PublishResult:
         """:meth:`submit`, awaited. Raises BrokerError."""
         done: asyncio.Future[PublishResult | BrokerError] = asyncio.get_running_loop().create_future()
 
@@ -175,7 +215,7 @@ class Node:
             if not done.done():
                 done.set_result(result)
 
-        self.submit(reqs, finish)
+        self.submit(reqs, finish, source=source, started=started)
         result = await done
         if isinstance(result, BrokerError):
             raise result

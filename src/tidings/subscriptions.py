@@ -10,13 +10,15 @@ slow reader waits instead of overflowing its buffer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .backends.base import Broker, HistoryResult, PresenceStore
+from .backends.base import Broker, HistoryOptions, HistoryResult, PresenceStore
 from .config import Namespace
 from .hub import Hub, Sink
+from .metrics import Counters
 from .protocol import ErrorCode, Event, ProtocolError, Publication, StreamPosition
 
 __all__ = ["SubscribeOutcome", "Subscriber", "Subscriptions", "can_recover"]
@@ -61,9 +63,12 @@ class Subscriptions:
     Also the node's :class:`~tidings.backends.base.BrokerHandler`: publications and events go straight
     to the hub; ``lost`` ends a channel's subscriptions here, where presence and events are known."""
 
-    def __init__(self, hub: Hub, broker: Broker, presence: PresenceStore) -> None:
+    def __init__(
+        self, hub: Hub, broker: Broker, presence: PresenceStore, counters: Counters | None = None
+    ) -> None:
         self.hub = hub
         self.broker = broker
+        self.counters = counters or hub.counters
         self.presence = presence
         self._of: dict[Sink, dict[str, Namespace]] = {}  # live and catching-up subscriptions per sink
         # Catching-up subscriptions whose channel was lost meanwhile: ended once their reply went out.
@@ -129,12 +134,22 @@ class Subscriptions:
             self.broker.publish_event(Event("join", channel, sink.client_id, sink.user))
         return outcome
 
+    async def read(
+        self, channel: str, opts: HistoryOptions, *, since: int | None = None, limit: int | None = None
+    ) -> HistoryResult:
+        """The broker's history of ``channel``, timed (the ``history`` broker operation metric): every
+        history read of the node goes through here."""
+        t0 = time.perf_counter()
+        res = await self.broker.history(channel, opts, since=since, limit=limit)
+        self.counters.broker_op("history", time.perf_counter() - t0)
+        return res
+
     async def _read(self, channel: str, ns: Namespace, since: StreamPosition | None) -> SubscribeOutcome:
         opts = ns.history
         if since is None:
-            res = await self.broker.history(channel, opts, limit=0)
+            res = await self.read(channel, opts, limit=0)
             return SubscribeOutcome(channel, res.position, None, [])
-        res = await self.broker.history(channel, opts, since=since.offset)
+        res = await self.read(channel, opts, since=since.offset)
         if can_recover(res, since):
             return SubscribeOutcome(channel, res.position, True, res.publications)
         return SubscribeOutcome(channel, res.position, False, [])
@@ -178,8 +193,8 @@ class Subscriptions:
         if ns.history_size <= 0:
             raise ProtocolError(ErrorCode.NOT_AVAILABLE, f"namespace {ns.name!r} keeps no history")
         if since is None:
-            return await self.broker.history(channel, ns.history, limit=limit), None
-        res = await self.broker.history(channel, ns.history, since=since.offset, limit=limit)
+            return await self.read(channel, ns.history, limit=limit), None
+        res = await self.read(channel, ns.history, since=since.offset, limit=limit)
         ok = can_recover(res, since)
         if not ok:
             res.publications = []

@@ -60,6 +60,10 @@ class MemoryBroker(OneNode):
             self._sweeper.cancel()
             self._sweeper = None
 
+    async def retained(self) -> int:
+        """Publications in history now (the ``tidings_history_publications`` metric)."""
+        return self._streams.publications()
+
     async def ping(self) -> None:
         return None  # everything is in this process: it answers whenever the loop does
 

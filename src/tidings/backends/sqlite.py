@@ -190,6 +190,19 @@ class SqliteBroker(OneNode):
         self._queue.put(_Ping(fut))
         await fut
 
+    async def retained(self) -> int:
+        """Publications in history now, not expired (the ``tidings_history_publications`` metric):
+        counted by a reader connection of its own in a thread (WAL: it never waits for the writer)."""
+        return await asyncio.to_thread(self._count_retained)
+
+    def _count_retained(self) -> int:
+        db = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            (n,) = db.execute("SELECT count(*) FROM pubs WHERE expires > ?", (now_ms(),)).fetchone()
+            return int(n)
+        finally:
+            db.close()
+
     async def history(
         self, channel: str, opts: HistoryOptions, *, since: int | None = None, limit: int | None = None
     ) -> HistoryResult:

@@ -100,6 +100,10 @@ class StreamSet:
     def __len__(self) -> int:
         return len(self._streams)
 
+    def publications(self) -> int:
+        """Publications held over all streams."""
+        return sum(len(s.pubs) for s in self._streams.values())
+
     def get(self, channel: str) -> Stream | None:
         return self._streams.get(channel)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,7 +13,9 @@ from aiohttp import web
 
 from ..auth import Identity, find_api_key
 from ..backends.base import BrokerError, PublishRequest, PublishResult, Repeat
+from ..config import Settings
 from ..limits import client_ip
+from ..metrics import metrics_response
 from ..node import NODE, Node
 from ..protocol import HTTP_STATUS, ErrorCode, ProtocolError, Publication, StreamPosition
 from ..protocol.messages import MAX_HISTORY_LIMIT
@@ -63,16 +66,21 @@ def _json_errors(path: str) -> bool:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every /api/ error (and every /sse, /stream, /poll one) is JSON with a stable code."""
+    """Every /api/ error (and every /sse, /stream, /poll one) is JSON with a stable code (counted in
+    ``tidings_errors_total{code}``)."""
+    counters = request.app[NODE].counters
     try:
         return await handler(request)
     except ApiError as exc:
+        counters.error(str(exc.code))
         resp = error_response(exc.code, exc.message, exc.status)
         resp.headers.update(exc.headers)
         return resp
     except ProtocolError as exc:
+        counters.error(str(exc.code))
         return error_response(exc.code, exc.message)
     except BrokerError as exc:
+        counters.error(str(ErrorCode.UNAVAILABLE))
         return error_response(ErrorCode.UNAVAILABLE, str(exc))
     except web.HTTPException as exc:
         if not _json_errors(request.path) or exc.status < 400:
@@ -80,11 +88,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = _STATUS_CODES.get(
             exc.status, ErrorCode.INTERNAL if exc.status >= 500 else ErrorCode.BAD_REQUEST
         )
+        counters.error(str(code))
         return error_response(code, exc.reason, exc.status)
     except Exception:
         if not _json_errors(request.path):
             raise
         log.exception("API request failed: %s %s", request.method, request.path)
+        counters.error(str(ErrorCode.INTERNAL))
         return error_response(ErrorCode.INTERNAL, "internal error")
 
 
@@ -139,6 +149,7 @@ def _info(body: dict[str, Any]) -> Any:
 
 
 async def publish(request: web.Request) -> web.Response:
+    started = time.perf_counter()
     identity = _check_key(request, "publish")
     body = await _json_body(request)
     if "data" not in body:
@@ -147,12 +158,12 @@ async def publish(request: web.Request) -> web.Response:
     req = node.policy.publication(
         identity, body.get("channel"), body["data"], info=body.get("info"), key=body.get("idempotency_key")
     )
-    [pub] = await node.publish([req])
+    [pub] = await node.publish([req], source="http", started=started)
     return json_response(_pub_result(pub))
 
 
 async def _publish_many(
-    node: Node, identity: Identity, items: list[tuple[Any, Any, Any, Any]]
+    node: Node, identity: Identity, items: list[tuple[Any, Any, Any, Any]], started: float
 ) -> list[dict[str, Any]]:
     """Publish (channel, data, info, idempotency_key) items as one group (one queue item, one
     transaction); one result per item, in order: the publication's position, or the error for that item
@@ -175,7 +186,7 @@ async def _publish_many(
     if reqs:
         outcome: PublishResult | BrokerError
         try:
-            outcome = await node.publish(reqs)
+            outcome = await node.publish(reqs, source="http", started=started)
         except BrokerError as exc:
             outcome = exc
         for i, (slot, req) in enumerate(zip(slots, reqs, strict=True)):
@@ -187,6 +198,7 @@ async def _publish_many(
 
 
 async def broadcast(request: web.Request) -> web.Response:
+    started = time.perf_counter()
     identity = _check_key(request, "publish")
     body = await _json_body(request)
     channels = body.get("channels")
@@ -197,13 +209,14 @@ async def broadcast(request: web.Request) -> web.Response:
     info = _info(body)
     key = body.get("idempotency_key")  # one key, remembered on each channel
     items = [(ch, body["data"], info, key) for ch in channels]
-    results = await _publish_many(_node(request), identity, items)
+    results = await _publish_many(_node(request), identity, items, started)
     return json_response({"results": results})
 
 
 async def batch(request: web.Request) -> web.Response:
     """Many publications in one request:
     ``{"publications": [{"channel", "data", "info"?, "idempotency_key"?}, ...]}``."""
+    started = time.perf_counter()
     identity = _check_key(request, "publish")
     body = await _json_body(request)
     pubs = body.get("publications")
@@ -216,7 +229,7 @@ async def batch(request: web.Request) -> web.Response:
                 ErrorCode.INVALID_FIELD, f"publications[{i}] must be an object with channel and data"
             )
         items.append((p.get("channel"), p["data"], _info(p), p.get("idempotency_key")))
-    return json_response({"results": await _publish_many(_node(request), identity, items)})
+    return json_response({"results": await _publish_many(_node(request), identity, items, started)})
 
 
 def _int_param(request: web.Request, name: str, lo: int, hi: int) -> int | None:
@@ -245,7 +258,7 @@ async def history(request: web.Request) -> web.Response:
     since = None
     if since_off is not None:
         if epoch is None:  # no epoch given: the offset is taken in the channel's current epoch
-            epoch = (await node.broker.history(channel, ns.history, limit=0)).position.epoch
+            epoch = (await node.subscriptions.read(channel, ns.history, limit=0)).position.epoch
         since = StreamPosition(since_off, epoch)
     res, recovered = await node.subscriptions.history(channel, ns, since, limit)
     out: dict[str, Any] = {
@@ -287,8 +300,16 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "unavailable", "reason": reason}, status=503)
 
 
-def api_routes() -> list[web.RouteDef]:
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format (``tidings.metrics``), for a ``read`` or ``admin`` key."""
+    _check_key(request, "read")
+    return await metrics_response(_node(request))
+
+
+def api_routes(settings: Settings | None = None) -> list[web.RouteDef]:
+    extra = [web.get("/metrics", metrics)] if settings is None or settings.metrics else []
     return [
+        *extra,
         web.post("/api/publish", publish),
         web.post("/api/broadcast", broadcast),
         web.post("/api/batch", batch),

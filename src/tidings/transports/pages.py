@@ -177,7 +177,7 @@ async def chat_page(request: web.Request) -> web.Response:
         ns = session.authorize(channel, "history")
     except ProtocolError as exc:
         return _refused(exc)
-    res = await node.broker.history(channel, ns.history, limit=PAGE_HISTORY)
+    res = await node.subscriptions.read(channel, ns.history, limit=PAGE_HISTORY)
     messages = [
         {
             "offset": p.offset,
@@ -222,7 +222,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     session = _session(request)
     try:
         req = session.publication(channel, {"body": body, "nick": nick_of(nick) or "guest"})
-        await node.publish([req])
+        await node.publish([req], source="page")
     except ProtocolError as exc:
         return _refused(exc)
     except BrokerError as exc:

@@ -137,7 +137,7 @@ class ChatSocket(WsProtocol):
         except ProtocolError as exc:
             log.info("chatsocket: message refused: %s %s", exc.code, exc.message)
             return
-        self.node.submit([req], _log_failure)
+        self.node.submit([req], _log_failure, source="chatsocket")
 
 
 def _no_reply(outcome: SubscribeOutcome) -> None:

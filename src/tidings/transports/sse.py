@@ -455,7 +455,7 @@ class HttpStream(BufferedConnection):
     # ------------------------------------------------------------------------------ asyncio.Protocol
 
     def data_received(self, data: bytes) -> None:
-        pass  # a stream's client has nothing more to say; what it sends is dropped
+        self.bytes_in += len(data)  # a stream's client has nothing more to say; what it sends is dropped
 
     def eof_received(self) -> bool | None:
         return False  # asyncio closes the transport
@@ -627,7 +627,7 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
     if raw_since and since is None:
         raise ApiError(ErrorCode.INVALID_FIELD, "since must be '<offset>:<epoch>'")
     if since is None:  # no position: the channel's current one, at once
-        res = await node.broker.history(channel, ns.history, limit=0)
+        res = await node.subscriptions.read(channel, ns.history, limit=0)
         resp = _answer([], res.position, None)
     else:
         resp = await _hold(node, session, channel, ns, since, timeout)

@@ -117,6 +117,7 @@ class WsConnection(WsProtocol):
             self.offer(text_frame(payload))
 
     def reply_error(self, rid: int | str | None, code: ErrorCode, message: str) -> None:
+        self.node.counters.error(str(code))
         self._send(encode_error(rid, code, message))
 
     def on_text(self, text: bytes) -> None:
@@ -303,7 +304,7 @@ class WsConnection(WsProtocol):
             for rid, pub in zip(rids, result, strict=True):
                 self._send(encode_ok(rid, {"offset": pub.offset, "epoch": pub.epoch, "id": pub.id}))
 
-        self.node.submit(reqs, done)
+        self.node.submit(reqs, done, source="ws")
 
     async def subscribe(self, cmd: SubscribeCmd) -> None:
         if cmd.token is not None:

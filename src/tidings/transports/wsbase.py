@@ -79,6 +79,8 @@ class BufferedConnection(asyncio.Protocol):
         "_flusher",
         "_t0",
         "_tbuf",
+        "bytes_in",
+        "bytes_out",
         "close_code",
         "msgs_in",
         "msgs_out",
@@ -100,15 +102,22 @@ class BufferedConnection(asyncio.Protocol):
     msgs_in: int  # data messages received
     msgs_out: int  # data messages queued: publications, events and replies
     close_code: int | None  # how it was closed (the close handshake's code, whoever started it)
+    bytes_in: int  # bytes read from the socket (the metrics add open connections' in at scrape time)
+    bytes_out: int  # bytes handed to the socket
 
     def _begin(self) -> None:
         self._t0 = time.monotonic()
         self.msgs_in = 0
         self.msgs_out = 0
         self.close_code = None
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     def _ended(self, exc: Exception | None, client_id: str, ip: str, user: str) -> None:
-        """The session is over (``connection_lost``): its one session line."""
+        """The session is over (``connection_lost``): its one session line, its figures to the
+        node's counters (``tidings.metrics``)."""
+        self.node.counters.connection_ended(self.close_code, self.bytes_in, self.bytes_out)
+        self.bytes_in = self.bytes_out = 0  # counted now: a scrape must not add them twice
         session_ended(
             self.transport_name,
             client_id,
@@ -143,6 +152,7 @@ class BufferedConnection(asyncio.Protocol):
         if size + self._tbuf > self.node.settings.max_buffer:
             self.flush()
             if self._tbuf > self.node.settings.max_buffer:
+                self.node.counters.slow_consumer_closes += 1
                 self.close(CloseCode.SLOW_CONSUMER)
                 return False
             size = len(frame)
@@ -186,6 +196,7 @@ class BufferedConnection(asyncio.Protocol):
         transport = self.transport
         if not transport.is_closing():
             transport.write(data)
+            self.bytes_out += len(data)
             self._tbuf = transport.get_write_buffer_size()
 
 
@@ -295,6 +306,7 @@ class WsProtocol(BufferedConnection):
             self._refused = 0
             return True
         self._refused += 1
+        self.node.counters.rate_limited += 1
         if self._refused > MAX_REFUSED:
             self.close(CloseCode.RATE_LIMITED)
         return False
@@ -408,6 +420,7 @@ class WsProtocol(BufferedConnection):
     # ------------------------------------------------------------------------------ asyncio.Protocol
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         self.rx = True
         self.pinged = False
         conn = self._conn
