@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -351,7 +351,9 @@ def pin_workers(cfg: Cfg, srv: Server) -> list[int]:
     return cpus
 
 
-async def start_server(cfg: Cfg, broker: str, workers: int = 1) -> Server:
+async def start_server(
+    cfg: Cfg, broker: str, workers: int = 1, env_extra: Sequence[tuple[str, str]] = ()
+) -> Server:
     """A fresh server (or the attached one) on a free port, healthy, with its API key read.
 
     ``broker`` "redis" starts a redis-server of its own first; ``workers`` > 1 runs ``--workers N``
@@ -385,6 +387,7 @@ async def start_server(cfg: Cfg, broker: str, workers: int = 1) -> Server:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p)
     env.setdefault("TIDINGS_CONFIG", str(BENCH / "tidings-bench.toml"))
+    env.update(env_extra)  # a scenario's own settings (TIDINGS_METRICS=false)
     log = Path(data_dir) / "server.log"
     logf = _open_log(log)
     proc = await asyncio.create_subprocess_exec(
@@ -429,10 +432,12 @@ async def stop_server(srv: Server) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_server(cfg: Cfg, broker: str, workers: int = 1) -> AsyncIterator[Server]:
+async def running_server(
+    cfg: Cfg, broker: str, workers: int = 1, env_extra: Sequence[tuple[str, str]] = ()
+) -> AsyncIterator[Server]:
     """:func:`start_server`; on the way out its load generators are killed, then it is stopped (with its
     Redis, if any, and its data dir removed)."""
-    srv = await start_server(cfg, broker, workers)
+    srv = await start_server(cfg, broker, workers, env_extra)
     try:
         yield srv
     finally:

@@ -95,6 +95,8 @@ class Fanout:
     lg_extra: tuple[str, ...] = ()
     broker: str = "memory"  # memory | sqlite | redis (a redis-server of its own per scenario)
     workers: int = 1  # tidings serve --workers N (Redis only)
+    env: tuple[tuple[str, str], ...] = ()  # the server's extra environment (TIDINGS_METRICS=false)
+    scrape: float = 0.0  # > 0: GET /metrics every this many seconds while publishing (a Prometheus)
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,38 @@ class Scenario(Generic[P]):
 
 
 # --------------------------------------------------------------------------------------------- runners
+async def scrape_metrics(cfg: Cfg, srv: Server, every: float) -> dict[str, int]:
+    """A Prometheus stand-in: ``GET /metrics`` with the server's key every ``every`` seconds until
+    cancelled; what it did, for the notes."""
+    import aiohttp
+
+    out = {"ok": 0, "failed": 0, "bytes": 0}
+    headers = {"Authorization": f"Bearer {srv.api_key}"}
+    url = f"http://{cfg.target_host}:{srv.port}/metrics"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        try:
+            while True:
+                try:
+                    async with s.get(url, headers=headers) as resp:
+                        body = await resp.read()
+                        ok = resp.status == 200 and b"tidings_deliveries_total" in body
+                    out["ok" if ok else "failed"] += 1
+                    out["bytes"] = len(body)
+                except (aiohttp.ClientError, OSError, TimeoutError):
+                    out["failed"] += 1
+                await asyncio.sleep(every)
+        except asyncio.CancelledError:
+            pass
+    return out
+
+
+async def stop_scraper(task: asyncio.Task[dict[str, int]] | None) -> dict[str, int]:
+    if task is None:
+        return {"ok": 0, "failed": 0, "bytes": 0}
+    task.cancel()
+    return await task
+
+
 def redis_cpu(r: Result, srv: Server, before: Sample | None, after: Sample | None, n: int, unit: str) -> None:
     """Redis's own CPU (redis-server's utime+stime) per ``unit`` into the CPU cell, a note and raw."""
     if srv.redis is None or before is None or after is None:
@@ -223,7 +257,7 @@ def commands(srv_cmd: str, lgs: Sequence[Loadgen], *others: str) -> list[str]:
 
 async def fanout(cfg: Cfg, sz: Sizes, name: str, p: Fanout) -> Result:
     r = Result(name, p.what)
-    async with running_server(cfg, p.broker, p.workers) as srv:
+    async with running_server(cfg, p.broker, p.workers, p.env) as srv:
         try:
             fd0 = fd_counts(srv)
             n = sz.subs
@@ -241,7 +275,16 @@ async def fanout(cfg: Cfg, sz: Sizes, name: str, p: Fanout) -> Result:
             common = ["--host", cfg.target_host, "--port", str(srv.port), "--duration", f"{sz.run_s:g}"]
             if not p.chatsocket:
                 common += [*key_args(srv), "--channels", str(p.channels), "--channel-fmt", "bench:c{i}"]
-            pub, pub_cmd = await run_publisher([*common, *p.pub_args], sz.run_s + 30)
+            scraper = asyncio.create_task(scrape_metrics(cfg, srv, p.scrape)) if p.scrape > 0 else None
+            try:
+                pub, pub_cmd = await run_publisher([*common, *p.pub_args], sz.run_s + 30)
+            finally:
+                scrapes = await stop_scraper(scraper)
+            if scraper is not None:
+                r.notes.append(
+                    f"GET /metrics every {p.scrape:g} s while publishing: {scrapes['ok']} scrapes "
+                    f"({scrapes['bytes']:,} bytes each at the last), {scrapes['failed']} failed"
+                )
             reps = await asyncio.gather(*(lg.finish(sz.run_s + 20) for lg in lgs))
             after, rafter = snap(srv), redis_sample(srv)
             m = stats.merge_loadgens(reps)
@@ -709,6 +752,27 @@ SCENARIOS: tuple[Scenario[Any], ...] = (
         "server CPU per delivery and loss, one channel, publishes at a fixed rate",
         fanout,
         lambda s: _http_fanout(f"{s.rate_1ch:g}", 4, f"HTTP publish at {s.rate_1ch:g}/s to 1 channel"),
+    ),
+    Scenario(
+        "fanout-1ch-rate-nometrics",
+        "fanout-1ch-rate with metrics = false (no /metrics, no collector): the baseline of the next row",
+        fanout,
+        lambda s: dataclasses.replace(
+            _http_fanout(f"{s.rate_1ch:g}", 4, f"HTTP publish at {s.rate_1ch:g}/s to 1 channel, metrics off"),
+            env=(("TIDINGS_METRICS", "false"),),
+        ),
+    ),
+    Scenario(
+        "fanout-1ch-rate-metrics",
+        "fanout-1ch-rate with metrics on and GET /metrics every second: what counting and scraping cost",
+        fanout,
+        lambda s: dataclasses.replace(
+            _http_fanout(
+                f"{s.rate_1ch:g}", 4, f"HTTP publish at {s.rate_1ch:g}/s to 1 channel, /metrics scraped 1/s"
+            ),
+            env=(("TIDINGS_METRICS", "true"),),
+            scrape=1.0,
+        ),
     ),
     Scenario(
         "fanout-1ch-sat",

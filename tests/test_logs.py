@@ -223,3 +223,33 @@ def test_redactor_removes_known_secrets_and_secret_shaped_values() -> None:
 def test_a_bad_log_format_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="log_format must be one of text, json"):
         load_settings(env={"TIDINGS_LOG_FORMAT": "xml"})
+
+
+def test_every_line_passes_the_redaction_filter(capsys: pytest.CaptureFixture[str]) -> None:
+    """The second line of defence, as ``tidings serve`` installs it: a secret in a message, an argument,
+    a field or a traceback of any logger is written as ``[redacted]``, in both formats."""
+    import logging
+
+    from tidings.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    key = "configured-key-0123456789"
+    try:
+        for fmt in ("json", "text"):
+            setup_logging("info", fmt, secrets=[key])
+            log = logging.getLogger("aiohttp.server")
+            log.info("GET /ws?token=%s key %s", token("x"), key, extra={"header": f"Bearer {key}"})
+            try:
+                raise ValueError(f"bad {key}")
+            except ValueError:
+                log.exception("failed")
+            err = capsys.readouterr().err
+            assert key not in err and "eyJ" not in err, err
+            assert err.count("[redacted]") >= 3 and "ValueError: bad" in err
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])

@@ -117,7 +117,6 @@ class BufferedConnection(asyncio.Protocol):
         """The session is over (``connection_lost``): its one session line, its figures to the
         node's counters (``tidings.metrics``)."""
         self.node.counters.connection_ended(self.close_code, self.bytes_in, self.bytes_out)
-        self.bytes_in = self.bytes_out = 0  # counted now: a scrape must not add them twice
         session_ended(
             self.transport_name,
             client_id,
