@@ -214,6 +214,7 @@ def test_redactor_removes_known_secrets_and_secret_shaped_values() -> None:
         "{'authorization': 'Basic dXNlcjpwYXNz'}": "{'authorization': 'Basic [redacted]'}",
         f"bad token {jwt_like}!": "bad token [redacted]!",
         "x-api-key: abcdef": "x-api-key: [redacted]",
+        "GET /sse?channel=a&sub_token=opaque-1": "GET /sse?channel=a&sub_token=[redacted]",
         "max_key=5 stays": "max_key=5 stays",
     }
     for given, want in cases.items():
