@@ -549,7 +549,7 @@ async def test_permission_matrix_http_api_keys(
     for rule in RULES:
         ch = rule.channel
         for label, role, headers in keys:
-            for action in ("publish", "broadcast", "history", "presence", "channels"):
+            for action in ("publish", "broadcast", "history", "presence", "channels", "metrics"):
                 if action == "publish":
                     req = session.post(
                         f"{srv.http}/api/publish", json={"channel": ch, "data": label}, headers=headers
@@ -560,10 +560,12 @@ async def test_permission_matrix_http_api_keys(
                     )
                 elif action == "channels":
                     req = session.get(f"{srv.http}/api/channels", headers=headers)
+                elif action == "metrics":  # GET /metrics: a read (or admin) key, like the read routes
+                    req = session.get(f"{srv.http}/metrics", headers=headers)
                 else:
                     req = session.get(f"{srv.http}/api/channels/{ch}/{action}", headers=headers)
                 async with req as r:
-                    body = await r.json()
+                    body = await r.json() if r.content_type == "application/json" else {}
                 want = expected_http(role, action)
                 if r.status != want:
                     wrong.append(f"{label} {action} {ch}: expected {want}, got {r.status} {body}")

@@ -233,3 +233,17 @@ async def test_workers_every_worker_in_one_scrape(tmp_path: Path, redis_url: str
                 assert ("process_cpu_seconds_total", (("worker", w),)) in m
     finally:
         dep.stop()
+
+
+async def test_history_publications_with_sqlite(
+    start_server: ServerFactory, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    srv = await start_server(api_keys=keys(), broker=f"sqlite:///{tmp_path / 'h.db'}")
+    m = await scrape(session, srv.http)
+    assert value(m, "tidings_history_publications") == 0
+    pubs = [{"channel": "small:h", "data": i} for i in range(8)] + [{"channel": "chat:h", "data": 1}]
+    async with session.post(f"{srv.http}/api/batch", json={"publications": pubs}, headers=api_headers()) as r:
+        assert r.status == 200
+    m = await scrape(session, srv.http)
+    assert value(m, "tidings_history_publications") == 6  # small keeps 5, chat 1
+    assert value(m, "tidings_publications_total", namespace="small", source="http") == 8
