@@ -70,6 +70,8 @@ class Hub:
 
     def __init__(self, *, max_pending_bytes: int = 1 << 20, on_interest: InterestFn | None = None) -> None:
         self._channels: dict[str, dict[Sink, _Sub]] = {}
+        self.delivered = 0  # live publications handed to sinks (counted once per publication)
+        self.subscription_count = 0  # (sink, channel) pairs registered here
         self._max_pending = max_pending_bytes
         self._on_interest = on_interest or _no_interest
 
@@ -84,6 +86,7 @@ class Hub:
         elif sink in subs:
             return False
         subs[sink] = _Sub(sink)
+        self.subscription_count += 1
         return True
 
     def go_live(self, channel: str, sink: Sink, after_offset: int) -> bool:
@@ -96,12 +99,14 @@ class Hub:
         for pub in pending:
             if pub.offset > after_offset:
                 sink.push(pub)
+                self.delivered += 1
         return True
 
     def remove(self, channel: str, sink: Sink) -> bool:
         subs = self._channels.get(channel)
         if subs is None or subs.pop(sink, None) is None:
             return False
+        self.subscription_count -= 1
         if not subs:
             del self._channels[channel]
             self._on_interest(channel, False)
@@ -132,6 +137,7 @@ class Hub:
                     self.remove(pub.channel, sub.sink)
                     sub.pending = []
                     sub.sink.close(CloseCode.SLOW_CONSUMER)
+        self.delivered += n
         return n
 
     def deliver_event(self, event: Event) -> None:

@@ -16,11 +16,13 @@ from ..limits import client_ip
 from ..node import NODE, Node
 from ..protocol import HTTP_STATUS, ErrorCode, ProtocolError, Publication, StreamPosition
 from ..protocol.messages import MAX_HISTORY_LIMIT
+from ..stats import DEFAULT_CHANNELS, MAX_CHANNELS, MAX_QUERY, snapshot
 
 __all__ = ["ApiError", "api_routes", "error_middleware"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BATCH = 1000  # channels in a broadcast, publications in a batch
+MAX_LOGGED_PATH = 300  # characters of a path kept in the recent errors
 log = logging.getLogger("tidings.api")
 
 
@@ -63,29 +65,42 @@ def _json_errors(path: str) -> bool:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every /api/ error (and every /sse, /stream, /poll one) is JSON with a stable code."""
+    """Every /api/ error (and every /sse, /stream, /poll one) is JSON with a stable code, and goes
+    into the node's ring of recent errors (GET /api/stats)."""
     try:
         return await handler(request)
     except ApiError as exc:
-        resp = error_response(exc.code, exc.message, exc.status)
+        resp = _failed(request, exc.code, exc.message, exc.status)
         resp.headers.update(exc.headers)
         return resp
     except ProtocolError as exc:
-        return error_response(exc.code, exc.message)
+        return _failed(request, exc.code, exc.message)
     except BrokerError as exc:
-        return error_response(ErrorCode.UNAVAILABLE, str(exc))
+        return _failed(request, ErrorCode.UNAVAILABLE, str(exc))
     except web.HTTPException as exc:
         if not _json_errors(request.path) or exc.status < 400:
             raise
         code = _STATUS_CODES.get(
             exc.status, ErrorCode.INTERNAL if exc.status >= 500 else ErrorCode.BAD_REQUEST
         )
-        return error_response(code, exc.reason, exc.status)
+        return _failed(request, code, exc.reason, exc.status)
     except Exception:
         if not _json_errors(request.path):
             raise
         log.exception("API request failed: %s %s", request.method, request.path)
-        return error_response(ErrorCode.INTERNAL, "internal error")
+        return _failed(request, ErrorCode.INTERNAL, "internal error")
+
+
+def _failed(request: web.Request, code: ErrorCode, message: str, status: int | None = None) -> web.Response:
+    resp = error_response(code, message, status)
+    request.app[NODE].errors.add(
+        source="http",
+        code=str(code),
+        message=message,
+        status=resp.status,
+        request=f"{request.method} {request.path[:MAX_LOGGED_PATH]}",  # no query string: ?token=
+    )
+    return resp
 
 
 def _node(request: web.Request) -> Node:
@@ -274,6 +289,19 @@ async def channels(request: web.Request) -> web.Response:
     return json_response({"channels": [{"channel": ch, "subscribers": n} for ch, n in found.items()]})
 
 
+async def stats(request: web.Request) -> web.Response:
+    """This process's counters, busiest channels and recent events (docs/admin.md); a read key."""
+    _check_key(request, "read")
+    limit = _int_param(request, "limit", 1, MAX_CHANNELS)
+    query = request.query.get("q", "")
+    if len(query) > MAX_QUERY:
+        raise ApiError(ErrorCode.INVALID_FIELD, f"q must be at most {MAX_QUERY} characters")
+    body = await snapshot(_node(request), DEFAULT_CHANNELS if limit is None else limit, query)
+    resp = json_response(body)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
 async def healthz(request: web.Request) -> web.Response:
     node = _node(request)
     # pid: which process answered (with --workers, which worker this connection landed on)
@@ -286,6 +314,7 @@ def api_routes() -> list[web.RouteDef]:
         web.post("/api/broadcast", broadcast),
         web.post("/api/batch", batch),
         web.get("/api/channels", channels),
+        web.get("/api/stats", stats),
         web.get(r"/api/channels/{channel:.+}/history", history),
         web.get(r"/api/channels/{channel:.+}/presence", presence_api),
         web.get("/healthz", healthz),

@@ -247,6 +247,7 @@ class HttpStream(BufferedConnection):
         "format",
         "index",
         "ip",
+        "kind",
         "positions",
         "session",
         "since",
@@ -284,6 +285,7 @@ class HttpStream(BufferedConnection):
         # What the client has, per channel (the SSE id): the last publication pushed, or where it started.
         self.positions: list[StreamPosition | Publication | None] = [None] * len(channels)
         self.sse = sse
+        self.kind = "sse" if sse else "stream"
         # One channel: the id is the publication's own position, so the whole event is shared.
         self.format: Format = (sse_event if len(channels) == 1 else sse_data) if sse else ndjson_line
         self.counted = False
@@ -418,6 +420,7 @@ class HttpStream(BufferedConnection):
         reason = reason or CLOSE_REASONS.get(code, "")
         if code != CloseCode.NORMAL:
             log.info("closing stream %s (%s): %d %s", self.client_id, self.ip, code, reason)
+            self.noted(int(code), reason)
         self._closing = True
         words = disconnect_push(int(code), reason, code.reconnect)
         self._buffer.append(b"event: disconnect\ndata: " + words + b"\n\n" if self.sse else words + b"\n")
@@ -539,6 +542,7 @@ class PollWaiter:
     polls on from there."""
 
     __slots__ = ("_done", "_limit", "client_id", "live", "pubs", "session", "size", "user")
+    kind = "poll"
 
     def __init__(self, session: Session, limit: int) -> None:
         self.session = session
