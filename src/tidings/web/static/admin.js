@@ -318,6 +318,7 @@
       pick.type = "button";
       pick.className = "link mono";
       pick.textContent = c.channel;
+      pick.title = c.channel;
       pick.dataset.pick = c.channel;
       pick.setAttribute("aria-pressed", c.channel === state.selected ? "true" : "false");
       name.appendChild(pick);
