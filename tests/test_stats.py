@@ -198,6 +198,24 @@ async def test_numbers_move_with_every_transport(
     assert body["process"]["rss_bytes"] > 1 << 20 and body["process"]["cpu_seconds"] > 0
 
 
+async def test_a_repeat_is_not_counted_as_published(
+    start_server: ServerFactory, session: aiohttp.ClientSession, probe: ProbeFactory, tmp_path: Path
+) -> None:
+    """A publish repeated with its idempotency key stores and delivers nothing: not counted either."""
+    srv = await start_server(settings=stats_settings(tmp_path))
+    sub = await probe(srv)
+    await sub.ok("subscribe", channel="pub:once")
+    for _ in range(3):
+        async with session.post(
+            srv.http + "/api/publish",
+            json={"channel": "pub:once", "data": 1, "idempotency_key": "k1"},
+            headers=api_headers(),
+        ) as r:
+            assert r.status == 200
+    body = await wait_stats(session, srv, lambda b: b["messages"]["delivered"] >= 1)
+    assert body["messages"] == {"published": 1, "delivered": 1}
+
+
 async def test_errors_ring_is_bounded_in_entries_and_bytes(
     start_server: ServerFactory, session: aiohttp.ClientSession, probe: ProbeFactory, tmp_path: Path
 ) -> None:
