@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import heapq
 import os
 import resource
 import time
-from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -110,11 +108,7 @@ async def snapshot(node: Node, limit: int = DEFAULT_CHANNELS, query: str = "") -
     but the history sizes is read at one instant (before the broker is asked), so the numbers agree."""
     now = time.time()
     by_kind = node.connections.by_kind
-    local = node.hub.channels()
-    matching: Collection[tuple[str, int]] = (
-        [(ch, n) for ch, n in local.items() if query in ch] if query else local.items()
-    )
-    top = heapq.nsmallest(limit, matching, key=lambda item: (-item[1], item[0]))
+    total, top = node.hub.busiest(limit, query)
     cpu = os.times()
     body: dict[str, Any] = {
         "time": round(now, 3),
@@ -131,7 +125,7 @@ async def snapshot(node: Node, limit: int = DEFAULT_CHANNELS, query: str = "") -
         },
         "messages": {"published": node.published, "delivered": node.hub.delivered},
         "subscriptions": node.hub.subscription_count,
-        "channels": {"total": len(matching), "limit": limit, "listed": []},
+        "channels": {"total": total, "limit": limit, "listed": []},
         "errors": node.errors.to_json(),
         "slow_consumers": node.slow_consumers.to_json(),
     }
