@@ -303,14 +303,18 @@ async def test_admin_screenshots(
     browser: Browser, start_server: ServerFactory, session: aiohttp.ClientSession, probe: ProbeFactory,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    """Saved to artifacts/screenshots/admin-{desktop,phone}.png on every run: look at them when the page
-    changes. Nothing overflows sideways at either width."""
+    """Saved to artifacts/screenshots/admin-{desktop,phone,desktop-dark,phone-login}.png on every run:
+    look at them when the page changes. Nothing overflows sideways at either width."""
     srv = await admin_server(start_server, tmp_path, max_buffer=64 * 1024)
     await _seed_for_screenshots(srv, session, probe)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     watch = Watch()
     shots: list[Path] = []
-    for name, kw in [("desktop", DESKTOP), ("phone", PHONE)]:
+    for name, kw in [
+        ("desktop", DESKTOP),
+        ("phone", PHONE),
+        ("desktop-dark", {**DESKTOP, "color_scheme": "dark"}),
+    ]:
         ctx = await browser.new_context(**kw)
         page = watch.attach(await ctx.new_page(), name)
         await page.goto(srv.http + "/admin")

@@ -13,6 +13,7 @@ closes synchronously and ``Sink.close`` schedules its own clean-up on the loop.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from typing import Protocol
 
@@ -154,6 +155,15 @@ class Hub:
     def channels(self) -> dict[str, int]:
         """Active channels on this node with their subscriber counts."""
         return {ch: len(subs) for ch, subs in self._channels.items()}
+
+    def busiest(self, limit: int, query: str = "") -> tuple[int, list[tuple[str, int]]]:
+        """The ``limit`` channels with the most subscribers (ties by name), among those whose name
+        contains ``query``, with their counts; and how many channels match."""
+        items = self._channels.items()
+        pairs = (
+            [(-len(s), ch) for ch, s in items if query in ch] if query else [(-len(s), ch) for ch, s in items]
+        )
+        return len(pairs), [(ch, -n) for n, ch in heapq.nsmallest(limit, pairs)]
 
     def subscribers(self, channel: str) -> list[Sink]:
         return list(self._channels.get(channel, {}))
