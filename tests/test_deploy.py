@@ -132,7 +132,10 @@ def parse_dockerfile(text: str) -> Dockerfile:
     env: dict[str, str] = {}
     cmd: list[str] = []
     health: list[str] = []
-    user, volume, expose, stages = "", [], [], []
+    user = ""
+    volume: list[str] = []
+    expose: list[str] = []
+    stages: list[str] = []
     for line in lines:
         line = line.strip()
         if not line or line.startswith("#"):
@@ -310,8 +313,8 @@ def test_systemd_unit(tmp_path: Path) -> None:
     unit = doc_block("systemd unit")
     for line in ("LimitNOFILE=", "Restart=on-failure", "ExecReload=/bin/kill -HUP $MAINPID", "User="):
         assert re.search(rf"^{re.escape(line)}", unit, re.M), f"the unit has no {line}"
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
+    analyze = shutil.which("systemd-analyze") or ""
+    if not analyze:
         unavailable("systemd-analyze not found (apt-get install systemd)")
     tidings = Path(sys.executable).parent / "tidings"
     if not tidings.exists():
