@@ -259,12 +259,13 @@ async def test_429_with_retry_after_is_retried_after_it(
     srv = await push_server(start_server)
     dev = svc.device("busy")
     await register(session, srv, dev.subscription(), ["alerts:r"])
-    svc.answers["busy"] = [(429, {"Retry-After": "1"}), (503, {"Retry-After": "1"})]
+    # (3 s: longer than the backoff's first wait, 1 s, so a Retry-After that is not honoured shows)
+    svc.answers["busy"] = [(429, {"Retry-After": "3"}), (503, {"Retry-After": "1"})]
     await publish(session, srv, "alerts:r", "later")
     await svc.until(lambda: len(svc.of("busy")) == 1)
     t = svc.attempts["busy"]
     assert len(t) == 3
-    assert t[1] - t[0] >= 0.95 and t[2] - t[1] >= 0.95  # Retry-After honoured
+    assert t[1] - t[0] >= 2.95 and t[2] - t[1] >= 0.95  # Retry-After honoured
     await counted(srv, sent=1, retried=2, failed=0)
 
 

@@ -521,7 +521,7 @@ def _wants_deflate(request: web.Request) -> bool:
     return False
 
 
-P = TypeVar("P", bound=BufferedConnection)
+P = TypeVar("P", bound=asyncio.Protocol)
 
 
 def take_over(request: web.Request, head: bytes, make: Callable[[asyncio.Transport], P]) -> P:
