@@ -10,10 +10,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..auth import Identity, find_api_key
+from ..auth import Identity, TokenError, find_api_key
 from ..backends.base import BrokerError, PublishRequest, PublishResult, Repeat
 from ..limits import client_ip
 from ..node import NODE, Node
+from ..policy import Session
 from ..protocol import HTTP_STATUS, ErrorCode, ProtocolError, Publication, StreamPosition
 from ..protocol.messages import MAX_HISTORY_LIMIT
 from ..stats import DEFAULT_CHANNELS, MAX_CHANNELS, MAX_QUERY, snapshot
@@ -107,18 +108,61 @@ def _node(request: web.Request) -> Node:
     return request.app[NODE]
 
 
+def refuse_if_blocked(node: Node, ip: str, what: str) -> None:
+    """429 for an address that failed to authenticate too often lately (API keys or tokens)."""
+    wait = node.auth_failures.blocked_for(ip)
+    if wait > 0:
+        raise ApiError(
+            ErrorCode.RATE_LIMITED,
+            f"too many failed {what} from this address",
+            headers={"Retry-After": str(int(wait) + 1)},
+        )
+
+
+def client_session(request: web.Request, node: Node, *, query_token: bool) -> Session:
+    """A receiving client's HTTP request (``/sse``, ``/stream``, ``/poll``, ``/push/…``) as the policy
+    gate sees it, the same way as a ``/ws`` connection: an address blocked for failed authentications
+    gets 429, its command budget is spent, and its connection token (``Authorization: Bearer``, or
+    ``?token=`` where ``query_token``: what an ``EventSource`` can send) is verified; a bad one counts
+    against the address. No token: anonymous (the namespace rules decide)."""
+    ip = client_ip(request, node.trusted_proxies)
+    refuse_if_blocked(node, ip, "authentications")
+    session = Session(node.policy, ip, connection=False)
+    if not session.take():
+        raise ApiError(ErrorCode.RATE_LIMITED, "too many requests; slow down", headers={"Retry-After": "1"})
+    header = request.headers.get("Authorization")
+    token = request.query.get("token") if query_token else None
+    if header is not None:
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(ErrorCode.UNAUTHORIZED, "Authorization must be 'Bearer <connection token>'")
+        token = given.strip()
+    if token is not None:
+        try:
+            session.authenticate(token)
+        except TokenError as exc:
+            node.auth_failures.fail(ip)
+            raise ApiError(exc.code, exc.message) from None
+    return session
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object (400 ``bad_request`` otherwise)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(ErrorCode.BAD_REQUEST, f"invalid JSON: {exc.msg}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
+    return obj
+
+
 def _check_key(request: web.Request, role: str) -> Identity:
     """The backend holding a bearer API key with ``role`` (or admin), as the policy gate's identity.
     Addresses that keep failing get 429 for a while."""
     node = _node(request)
     ip = client_ip(request, node.trusted_proxies)
-    wait = node.auth_failures.blocked_for(ip)
-    if wait > 0:
-        raise ApiError(
-            ErrorCode.RATE_LIMITED,
-            "too many failed API key attempts from this address",
-            headers={"Retry-After": str(int(wait) + 1)},
-        )
+    refuse_if_blocked(node, ip, "API key attempts")
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     key = find_api_key(node.settings.api_keys, given.strip()) if scheme.lower() == "bearer" else None
@@ -131,14 +175,7 @@ def _check_key(request: web.Request, role: str) -> Identity:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(ErrorCode.BAD_REQUEST, f"invalid JSON: {exc.msg}") from None
-    if not isinstance(obj, dict):
-        raise ApiError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
-    return obj
+    return json_object(await request.read())
 
 
 def _pub_result(pub: Publication | Repeat) -> dict[str, Any]:

@@ -39,7 +39,6 @@ from multidict import CIMultiDict
 from ..auth import TokenError
 from ..backends.base import BrokerError
 from ..config import Namespace
-from ..limits import client_ip
 from ..node import NODE, Node
 from ..policy import Session
 from ..protocol import (
@@ -56,7 +55,7 @@ from ..protocol import (
 )
 from ..subscriptions import SubscribeOutcome
 from .flush import FLUSHER, Flusher
-from .http_api import ApiError, json_response
+from .http_api import ApiError, client_session, json_response
 from .origin import check_origin, log_refusal
 from .pages import add_security_headers
 from .wsbase import CLOSE_GRACE, BufferedConnection, take_over
@@ -137,39 +136,9 @@ def parse_positions(text: str, n: int, what: str) -> list[StreamPosition | None]
 # ---------------------------------------------------------------------------------------------- the gate
 
 
-def _bearer(request: web.Request) -> str | None:
-    """The connection token: ``Authorization: Bearer`` (for non-browser clients) or ``?token=``."""
-    header = request.headers.get("Authorization")
-    if header is not None:
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise ApiError(ErrorCode.UNAUTHORIZED, "Authorization must be 'Bearer <connection token>'")
-        return given.strip()
-    return request.query.get("token")
-
-
 def _session(request: web.Request, node: Node) -> Session:
-    """The request as the policy gate sees it: its address's budget spent, its token verified (a bad
-    one counts against the address, like on /ws)."""
-    ip = client_ip(request, node.trusted_proxies)
-    wait = node.auth_failures.blocked_for(ip)
-    if wait > 0:
-        raise ApiError(
-            ErrorCode.RATE_LIMITED,
-            "too many failed authentications from this address",
-            headers={"Retry-After": str(int(wait) + 1)},
-        )
-    session = Session(node.policy, ip, connection=False)
-    if not session.take():
-        raise ApiError(ErrorCode.RATE_LIMITED, "too many requests; slow down", headers={"Retry-After": "1"})
-    token = _bearer(request)
-    if token is not None:
-        try:
-            session.authenticate(token)
-        except TokenError as exc:
-            node.auth_failures.fail(ip)
-            raise ApiError(exc.code, exc.message) from None
-    return session
+    """The request as the policy gate sees it (like a /ws connection; the token also in ``?token=``)."""
+    return client_session(request, node, query_token=True)
 
 
 def _channels(request: web.Request, node: Node, most: int) -> list[str]:
