@@ -307,6 +307,48 @@ async def test_offline_mode_skips_a_connected_user_and_pushes_once_they_left(
     await counted(srv, sent=3)
 
 
+@pytest.mark.parametrize("transport", ["sse", "stream", "poll"])
+async def test_offline_mode_counts_a_user_online_on_the_http_transports(
+    start_server: ServerFactory, svc: PushServiceStandIn, session: aiohttp.ClientSession, transport: str
+) -> None:
+    """A user held on /sse, /stream or a pending /poll is online like on /ws: their devices get no
+    "offline" push until the stream ends, or a few seconds after the poll was answered (the publication
+    that answered it is not pushed to them as well)."""
+    srv = await push_server(start_server)
+    token = hs(claims("bob"))
+    bob, anon = svc.device("bob"), svc.device("anon")
+    await register(session, srv, bob.subscription(), ["quiet:h"], token=token)
+    await register(session, srv, anon.subscription(), ["quiet:h"])
+    async with session.get(
+        f"{srv.http}/poll?channel=quiet:h", headers={"Authorization": f"Bearer {token}"}
+    ) as r:
+        epoch = (await r.json())["epoch"]
+    query = f"channel=quiet:h&since=0:{epoch}&timeout=30" if transport == "poll" else "channel=quiet:other"
+    # (a held poll's response starts only with its answer: the request runs as a task)
+    held = asyncio.ensure_future(
+        session.get(f"{srv.http}/{transport}?{query}", headers={"Authorization": f"Bearer {token}"})
+    )
+    try:
+        async with asyncio.timeout(5):
+            while srv.node.push.local_users != {"bob": 1}:
+                await asyncio.sleep(0.01)
+        await publish(session, srv, "quiet:h", "while bob is here")
+        await svc.until(lambda: len(svc.of("anon")) == 1)
+        async with asyncio.timeout(5):
+            resp = await held
+        if transport == "poll":
+            assert (await resp.json())["publications"][0]["data"] == "while bob is here"
+        resp.close()
+    finally:
+        held.cancel()
+    async with asyncio.timeout(10):  # (a poll's user stays online 5 s after its answer: POLL_ONLINE_LINGER)
+        while srv.node.push.local_users:
+            await asyncio.sleep(0.01)
+    await publish(session, srv, "quiet:h", "after bob left")
+    await svc.until(lambda: len(svc.of("bob")) == 1 and len(svc.of("anon")) == 2)
+    assert [r.payload["data"] for r in svc.of("bob")] == ["after bob left"]
+
+
 async def test_a_stuck_push_service_does_not_slow_publishes(
     start_server: ServerFactory, svc: PushServiceStandIn, session: aiohttp.ClientSession
 ) -> None:

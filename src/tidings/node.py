@@ -42,7 +42,9 @@ class Connection(Protocol):
 class Connections(set[Connection]):
     """The node's open connections. Adding or removing one whose ``user`` is set tells Web Push that
     user is online here (``push = "offline"`` skips their devices), whatever the transport; a connection
-    that authenticates after it was added tells it itself (``PushService.connected``).
+    that authenticates after it was added tells it itself (``PushService.connected``). A connection
+    with an ``online_linger`` (a pending poll) keeps its user online that many seconds after it ended:
+    the client polls again at once, and the publication that answered it must not be pushed to them too.
 
     ``by_kind`` counts them per transport (each connection's ``kind``: ws, chatsocket, echo, sse,
     stream, poll), for ``GET /api/stats``."""
@@ -68,7 +70,11 @@ class Connections(set[Connection]):
             self.by_kind[kind] -= 1
             user = getattr(conn, "user", "")
             if user:
-                self._node.push.disconnected(user)
+                linger: float = getattr(conn, "online_linger", 0.0)
+                if linger > 0:  # a long-poll client, between two polls, is still here
+                    asyncio.get_running_loop().call_later(linger, self._node.push.disconnected, user)
+                else:
+                    self._node.push.disconnected(user)
 
 
 class Node:

@@ -506,6 +506,9 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------------------------------- long-poll
 
 
+POLL_ONLINE_LINGER = 5.0  # seconds a long-poll client's user stays online after its poll was answered
+
+
 class PollWaiter(asyncio.Protocol):
     """A pending ``/poll``: the hub's sink for one channel. It collects the replay after ``since``; once
     it is held (:meth:`hold`), the first publication answers at once (as do the timeout and the node
@@ -529,6 +532,7 @@ class PollWaiter(asyncio.Protocol):
         "user",
     )
     kind = "poll"
+    online_linger = POLL_ONLINE_LINGER  # Web Push "offline": the user is online between two polls
 
     def __init__(self, session: Session, limit: int) -> None:
         self.session = session
