@@ -70,7 +70,7 @@ class Hub:
 
     def __init__(self, *, max_pending_bytes: int = 1 << 20, on_interest: InterestFn | None = None) -> None:
         self._channels: dict[str, dict[Sink, _Sub]] = {}
-        self._max_pending = max_pending_bytes
+        self.max_pending = max_pending_bytes  # bytes a catching-up subscriber may fall behind
         self._on_interest = on_interest or _no_interest
 
     # ------------------------------------------------------------------------------ membership
@@ -127,7 +127,7 @@ class Hub:
             else:
                 pending.append(pub)
                 sub.pending_bytes += pub.size
-                if sub.pending_bytes > self._max_pending:
+                if sub.pending_bytes > self.max_pending:
                     # Too far behind while catching up: it cannot be made whole, so it is cut off.
                     self.remove(pub.channel, sub.sink)
                     sub.pending = []

@@ -244,6 +244,7 @@ class HttpStream(BufferedConnection):
         "channels",
         "client_id",
         "counted",
+        "ended",
         "format",
         "index",
         "ip",
@@ -287,6 +288,7 @@ class HttpStream(BufferedConnection):
         # One channel: the id is the publication's own position, so the whole event is shared.
         self.format: Format = (sse_event if len(channels) == 1 else sse_data) if sse else ndjson_line
         self.counted = False
+        self.ended: set[str] = set()  # channels whose subscription the server ended (a reload's rules)
         self._task: asyncio.Task[None] | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
         self._expiry_handle: asyncio.TimerHandle | None = None
@@ -319,12 +321,14 @@ class HttpStream(BufferedConnection):
 
     async def _subscribe_all(self) -> None:
         subs = self.node.subscriptions
-        recovered: list[bool | None] = []
+        recovered: dict[str, bool | None] = {}
         try:
             for i, channel in enumerate(self.channels):
+                if channel in self.ended:
+                    continue  # refused by a reload before its turn came
 
                 def ready(outcome: SubscribeOutcome, i: int = i) -> None:
-                    recovered.append(outcome.recovered)
+                    recovered[outcome.channel] = outcome.recovered
                     self._ready(i, outcome)
 
                 if await subs.subscribe(self, channel, self.spaces[i], self.since[i], ready) is None:
@@ -339,9 +343,11 @@ class HttpStream(BufferedConnection):
         finally:
             self._task = None
         said = []
-        for ch, pos, rec in zip(self.channels, self.positions, recovered, strict=True):
+        for ch, pos in zip(self.channels, self.positions, strict=True):
+            if ch in self.ended or ch not in recovered:
+                continue
             assert pos is not None
-            said.append({"channel": ch, "offset": pos.offset, "epoch": pos.epoch, "recovered": rec})
+            said.append({"channel": ch, "offset": pos.offset, "epoch": pos.epoch, "recovered": recovered[ch]})
         self._control("subscribed", {"channels": said})
 
     def _ready(self, i: int, outcome: SubscribeOutcome) -> None:
@@ -385,6 +391,27 @@ class HttpStream(BufferedConnection):
             self.close(CloseCode.TOKEN_EXPIRED)
             return
         self._expiry_handle = asyncio.get_running_loop().call_later(min(left, MAX_TIMER), self._arm_expiry)
+
+    def reconfigure(self) -> None:
+        """A reload: the new ``max_buffer``; each channel the new rules no longer allow this client
+        ends with ``event: unsubscribe`` (the ``/ws`` push's object), the others go on; a stream left
+        with no channel ends with ``disconnect`` 4003 (reconnecting would be refused the same way)."""
+        super().reconfigure()
+        if self._closing:
+            return
+        subs = self.node.subscriptions
+        for channel in self.channels:
+            if channel in self.ended:
+                continue
+            why = self.session.still_allowed(channel)
+            if why is None:
+                continue
+            self.ended.add(channel)
+            subs.unsubscribe(self, channel)
+            body = {"channel": channel, "code": str(why.code), "reason": why.message, "resubscribe": False}
+            self._control("unsubscribe", body)
+        if len(self.ended) == len(self.channels):
+            self.close(CloseCode.FORBIDDEN, "the server's rules no longer allow this stream's channels")
 
     # ------------------------------------------------------------------------------ the sink
 
@@ -538,10 +565,23 @@ class PollWaiter:
     collects is bounded by ``max_buffer`` bytes: beyond, the answer is the prefix so far, and the client
     polls on from there."""
 
-    __slots__ = ("_done", "_limit", "client_id", "live", "pubs", "session", "size", "user")
+    __slots__ = (
+        "_done",
+        "_limit",
+        "channel",
+        "client_id",
+        "live",
+        "pubs",
+        "refused",
+        "session",
+        "size",
+        "user",
+    )
 
-    def __init__(self, session: Session, limit: int) -> None:
+    def __init__(self, session: Session, channel: str, limit: int) -> None:
         self.session = session
+        self.channel = channel
+        self.refused: ProtocolError | None = None  # a reload's rules no longer allow the channel
         self.client_id = session.client_id
         self.user = session.user
         self.pubs: list[Publication] = []
@@ -572,6 +612,14 @@ class PollWaiter:
 
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         self.settle()  # the node shuts down: answer now; the client polls on from its position
+
+    def reconfigure(self) -> None:
+        """A reload: a channel the new rules no longer allow is answered now with the error a new poll
+        would get (403 ``permission_denied``, ...)."""
+        why = self.session.still_allowed(self.channel)
+        if why is not None and not self._done.done():
+            self.refused = why
+            self.settle()
 
     def lost(self, channel: str) -> None:
         self.settle()  # the client's next poll recovers from its position
@@ -635,7 +683,7 @@ async def _hold(
     is one, else wait for the first live publication or the timeout."""
     _acquire(node, session.ip)  # a pending poll holds a place, like a WebSocket
     node.conn_limits.http += 1  # (its file descriptor is counted by the HTTP edge already)
-    waiter = PollWaiter(session, node.settings.max_buffer)
+    waiter = PollWaiter(session, channel, node.settings.max_buffer)
     node.connections.add(waiter)
     node.drained.clear()
     subs = node.subscriptions
@@ -646,6 +694,8 @@ async def _hold(
             return _answer([], outcome.position, False)
         if outcome is not None and not waiter.pubs:
             await waiter.wait(timeout)
+        if waiter.refused is not None:
+            raise ApiError(waiter.refused.code, waiter.refused.message)
         pubs = waiter.pubs
         # Cut short before history was read (shutdown): whether it can be recovered is not known yet.
         recovered = None if outcome is None and not pubs else True
