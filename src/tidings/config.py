@@ -428,7 +428,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``known`` (difflib), or ``""``."""
-    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.7)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -443,9 +443,12 @@ def _namespace(name: str, raw: Any, base: Namespace | None, problems: list[Probl
     ns = base or Namespace(name)
     for key, value in raw.items():
         if key not in _NS_KEYS:
-            problems.append(
-                Problem((*where, key), f"{label}: unknown option {key!r}{did_you_mean(key, _NS_KEYS)}")
+            hint = (
+                " (a server option: put it above the first [table])"
+                if key in _SCALARS or key in _LISTS
+                else did_you_mean(key, _NS_KEYS)
             )
+            problems.append(Problem((*where, key), f"{label}: unknown option {key!r}{hint}"))
             continue
         if key == "push":
             if value not in PUSH_MODES or value is True:

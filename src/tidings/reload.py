@@ -65,6 +65,12 @@ class Reloader:
         self._loaded = after
         if isinstance(level, int):
             logging.getLogger().setLevel(level)
+        if not self.node.push.enabled and any(
+            ns.push for ns in (*new.namespaces.values(), new.default_namespace) if ns is not None
+        ):
+            log.warning(
+                "reload: Web Push was off at start (no push namespace): it starts at the next restart"
+            )
         if kept:
             log.warning(
                 "reload: %s changed but cannot change while running: kept as they are until a restart",
