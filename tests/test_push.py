@@ -259,12 +259,13 @@ async def test_429_with_retry_after_is_retried_after_it(
     srv = await push_server(start_server)
     dev = svc.device("busy")
     await register(session, srv, dev.subscription(), ["alerts:r"])
-    svc.answers["busy"] = [(429, {"Retry-After": "1"}), (503, {"Retry-After": "1"})]
+    # (3 s: longer than the backoff's first wait, 1 s, so a Retry-After that is not honoured shows)
+    svc.answers["busy"] = [(429, {"Retry-After": "3"}), (503, {"Retry-After": "1"})]
     await publish(session, srv, "alerts:r", "later")
     await svc.until(lambda: len(svc.of("busy")) == 1)
     t = svc.attempts["busy"]
     assert len(t) == 3
-    assert t[1] - t[0] >= 0.95 and t[2] - t[1] >= 0.95  # Retry-After honoured
+    assert t[1] - t[0] >= 2.95 and t[2] - t[1] >= 0.95  # Retry-After honoured
     await counted(srv, sent=1, retried=2, failed=0)
 
 
@@ -784,3 +785,36 @@ def test_push_settings_from_file_and_env(tmp_path: Path) -> None:
         s.push_allowed_hosts == ["push.local", "10.9.0.0/16"] and s.push_subject == "mailto:ops@example.com"
     )
     assert s.namespaces["chat"].push is False  # off unless asked for
+
+
+async def test_failed_tokens_block_the_address_on_every_token_route(
+    start_server: ServerFactory, svc: PushServiceStandIn, session: aiohttp.ClientSession
+) -> None:
+    """Bad connection tokens on the push routes count against the address like on /ws, and once it is
+    blocked every route that takes a token answers 429 with Retry-After, before looking at the token."""
+    srv = await push_server(start_server, api_failures_per_minute=2)
+    dev = svc.device("blocked")
+    for _ in range(2):
+        body = await register(session, srv, dev.subscription(), ["alerts:x"], token="not-a-jwt", expect=401)
+        assert body["error"]["code"] == "unauthorized"
+    good = hs(claims("ann"))
+    epoch_q = "since=0:e&timeout=0"
+    for method, path, kw in (
+        (
+            "POST",
+            "/push/subscriptions",
+            {"json": {"subscription": dev.subscription(), "channels": ["alerts:x"]}},
+        ),
+        ("DELETE", "/push/subscriptions", {"json": {"endpoint": dev.subscription()["endpoint"]}}),
+        ("GET", f"/sse?channel=alerts:x&token={good}", {}),
+        ("GET", f"/stream?channel=alerts:x&token={good}", {}),
+        ("GET", f"/poll?channel=alerts:x&{epoch_q}&token={good}", {}),
+    ):
+        headers = {"Authorization": f"Bearer {good}"} if path.startswith("/push") else {}
+        async with session.request(method, srv.http + path, headers=headers, **kw) as r:
+            assert r.status == 429, (method, path, await r.text())
+            assert (await r.json())["error"]["code"] == "rate_limited"
+            assert int(r.headers["Retry-After"]) >= 1
+    with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
+        await session.ws_connect(f"{srv.ws_url}?token={good}")
+    assert exc.value.status == 429

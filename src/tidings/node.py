@@ -17,6 +17,7 @@ from .backends.base import (
     PublishDone,
     PublishRequest,
     PublishResult,
+    Repeat,
     StoresPush,
 )
 from .backends.push_local import LocalPushStore
@@ -25,8 +26,9 @@ from .hub import Hub
 from .limits import ConnectionLimiter, FailureLimiter, parse_networks
 from .policy import Policy
 from .presence import presence_for
-from .protocol import CloseCode, Publication
+from .protocol import CloseCode, ErrorCode, Publication
 from .push import PushService
+from .stats import EventRing
 from .subscriptions import Subscriptions
 
 __all__ = ["NODE", "Connection", "Node"]
@@ -46,15 +48,21 @@ class Connection(Protocol):
 class Connections(set[Connection]):
     """The node's open connections. Adding or removing one whose ``user`` is set tells Web Push that
     user is online here (``push = "offline"`` skips their devices), whatever the transport; a connection
-    that authenticates after it was added tells it itself (``PushService.connected``)."""
+    that authenticates after it was added tells it itself (``PushService.connected``).
+
+    ``by_kind`` counts them per transport (each connection's ``kind``: ws, chatsocket, echo, sse,
+    stream, poll), for ``GET /api/stats``."""
 
     def __init__(self, node: Node) -> None:
         super().__init__()
         self._node = node
+        self.by_kind: dict[str, int] = {}
 
     def add(self, conn: Connection) -> None:
         if conn not in self:
             super().add(conn)
+            kind = getattr(conn, "kind", "other")
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
             user = getattr(conn, "user", "")
             if user:
                 self._node.push.connected(user)
@@ -62,6 +70,8 @@ class Connections(set[Connection]):
     def discard(self, conn: object) -> None:
         if conn in self:
             super().discard(conn)
+            kind = getattr(conn, "kind", "other")
+            self.by_kind[kind] -= 1
             user = getattr(conn, "user", "")
             if user:
                 self._node.push.disconnected(user)
@@ -77,7 +87,10 @@ class Node:
             broker, ttl=settings.presence_ttl, limit=settings.presence_limit
         )
         self.subscriptions = Subscriptions(self.hub, broker, self.presence)
-        self.connections: set[Connection] = Connections(self)
+        self.connections = Connections(self)
+        self.published = 0  # publications the broker acknowledged (every publish path: submit)
+        self.errors = EventRing()  # recent error replies and error closes (GET /api/stats)
+        self.slow_consumers = EventRing()  # recent slow-consumer closes (4008)
         self.drained = asyncio.Event()  # set whenever the last connection goes away
         self.started = time.time()
         self.conn_limits = ConnectionLimiter(settings.max_connections, settings.max_connections_per_ip)
@@ -144,7 +157,17 @@ class Node:
         in push namespaces are offered to Web Push (queued, never awaited), on this node only."""
         if self.push.enabled:
             done = self._then_push(done)
-        self.broker.publish_many(reqs, done)
+        self.broker.publish_many(reqs, self._counted(done))
+
+    def _counted(self, done: PublishDone) -> PublishDone:
+        def finish(result: PublishResult | BrokerError) -> None:
+            if isinstance(result, BrokerError):
+                self.errors.add(source="broker", code=str(ErrorCode.UNAVAILABLE), message=str(result))
+            else:
+                self.published += sum(type(p) is not Repeat for p in result)
+            done(result)
+
+        return finish
 
     def _then_push(self, done: PublishDone) -> PublishDone:
         offer = self.push.offer

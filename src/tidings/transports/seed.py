@@ -90,6 +90,7 @@ class ChatSocket(WsProtocol):
     logged, and a client that keeps being refused is closed (4030)."""
 
     __slots__ = ()
+    kind = "chatsocket"
 
     def __init__(
         self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
@@ -147,6 +148,9 @@ class ChatSocket(WsProtocol):
             req = self.session.publication(CHAT_CHANNEL, {"body": obj["body"]})
         except ProtocolError as exc:
             log.info("chatsocket: message refused: %s %s", exc.code, exc.message)
+            self.node.errors.add(
+                source="chatsocket", code=str(exc.code), message=exc.message, client=self.client_id
+            )
             return
         self.node.submit([req], _log_failure)
 
@@ -169,6 +173,7 @@ class EchoSocket(WsProtocol):
     what came in (an 81-byte frame that inflates to 64 KiB is answered with about 81 bytes, not 64 KiB)."""
 
     __slots__ = ()
+    kind = "echo"
 
     def _echo(self, opcode: int, payload: bytes) -> None:
         if self.deflate:

@@ -62,6 +62,8 @@ _HANDLER_ATTRS = (
     "_request_count",  # header deadline: a request was read
     "_upgraded",  # header deadline: the connection was upgraded
     "_loop",
+    "_manager",  # /poll: the server that makes a fresh handler for the socket after a held answer
+    "_messages",  # /poll: requests pipelined behind a held one (then it answers "Connection: close")
 )
 
 

@@ -71,6 +71,7 @@ class WsConnection(WsProtocol):
         "_task",
     )
     IN_BAND_AUTH = True
+    kind = "ws"
 
     def __init__(
         self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
@@ -125,6 +126,7 @@ class WsConnection(WsProtocol):
             self.offer(text_frame(payload))
 
     def reply_error(self, rid: int | str | None, code: ErrorCode, message: str) -> None:
+        self.node.errors.add(source="ws", code=str(code), message=message, client=self.client_id)
         self._send(encode_error(rid, code, message))
 
     def on_text(self, text: bytes) -> None:

@@ -73,6 +73,9 @@ class BufferedConnection(asyncio.Protocol):
 
     node: Node
     transport: asyncio.Transport
+    kind: str  # the transport's name in GET /api/stats: ws, chatsocket, echo, sse, stream
+    client_id: str
+    ip: str
     _flusher: Flusher
     _buffer: list[bytes]
     _buffered: int
@@ -82,6 +85,26 @@ class BufferedConnection(asyncio.Protocol):
 
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         raise NotImplementedError
+
+    @property
+    def user(self) -> str:
+        raise NotImplementedError
+
+    def noted(self, code: int, reason: str) -> None:
+        """A close of ours with an error code, for GET /api/stats: a slow consumer (with what it held
+        back, in bytes) into the node's slow-consumer ring, any other error code into its error ring."""
+        if code == CloseCode.SLOW_CONSUMER:
+            self.node.slow_consumers.add(
+                transport=self.kind,
+                client=self.client_id,
+                user=self.user,
+                ip=self.ip,
+                buffered=self._buffered + self._tbuf,
+            )
+        elif code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+            self.node.errors.add(
+                source=self.kind, code=code, message=reason, client=self.client_id, user=self.user
+            )
 
     def beat(self) -> None:
         """One tick of the node's :class:`Heartbeat` (every ``ping_interval`` seconds)."""
@@ -175,6 +198,7 @@ class WsProtocol(BufferedConnection):
         "session",
     )
     IN_BAND_AUTH = False  # True where the protocol has its own way to authenticate after the upgrade
+    kind = "ws"
 
     def __init__(
         self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
@@ -353,6 +377,7 @@ class WsProtocol(BufferedConnection):
         self._closing = True
         if ours and code != CloseCode.NORMAL:
             log.info("closing %s (%s): %d %s", self.client_id, self.ip, code, reason)
+            self.noted(code, reason)
         if ours and frame and code in _CLOSE_CODES:
             # The last frames go out even past the buffer limit: they are the last this peer gets.
             words = self.last_words(CloseCode(code), reason)
@@ -556,7 +581,7 @@ def _wants_deflate(request: web.Request) -> bool:
     return False
 
 
-P = TypeVar("P", bound=BufferedConnection)
+P = TypeVar("P", bound=asyncio.Protocol)
 
 
 def take_over(request: web.Request, head: bytes, make: Callable[[asyncio.Transport], P]) -> P:
