@@ -132,8 +132,8 @@ async def ws_client(s: aiohttp.ClientSession, srv: Server) -> Ws:
     return Ws(await s.ws_connect(f"ws://127.0.0.1:{srv.port}/ws"))
 
 
-async def publish(s: aiohttp.ClientSession, srv: Server, channel: str, data: Any) -> None:
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+async def publish(s: aiohttp.ClientSession, srv: Server, channel: str, data: Any, key: str = API_KEY) -> None:
+    headers = {"Authorization": f"Bearer {key}"}
     async with s.post(
         f"{srv.http}/api/publish", json={"channel": channel, "data": data}, headers=headers
     ) as r:
@@ -262,6 +262,13 @@ async def test_broken_file_is_refused_whole_and_the_old_config_keeps_working(ser
         log = server.text()
         assert "unknown option 'max_mesage_size' (did you mean 'max_message_size'?)" in log
         assert "configuration reloaded" not in log
+        # What only a start checks otherwise: a token key file that cannot be loaded.
+        server.reload(
+            'token_public_key = "/nonexistent/key.pem"\n'
+            + BASE.replace("client_rate = 1000", "client_rate = 1"),
+            expect="token_public_key: cannot load '/nonexistent/key.pem'",
+        )
+        assert "configuration reloaded" not in server.text()
         # The old rules and rates hold: the subscription goes on, new ones are allowed, no rate limit.
         await publish(s, server, "news:1", "old rules")
         assert (await ws.push("message"))["data"] == "old rules"
@@ -275,15 +282,23 @@ async def test_options_that_need_a_restart_are_reported_and_kept(server: Server)
     async with session() as s:
         ws = await ws_client(s, server)
         assert (await ws.call("subscribe", channel="news:1"))["ok"]
-        changed = 'host = "127.0.0.2"\npresence_ttl = 7.0\nsse_retry = 9.0\n' + BASE
+        new_key = "another-key-0123456789"
+        changed = 'host = "127.0.0.2"\npresence_ttl = 7.0\nsse_retry = 9.0\n' + BASE.replace(API_KEY, new_key)
         server.reload(changed)
         log = server.text()
         assert "reload: host, presence_ttl changed but cannot change while running" in log
-        assert "applied sse_retry" in log
+        assert "applied api_keys, sse_retry" in log
+        # API keys are live: the old one is refused from now on, the new one works.
+        body = {"channel": "news:1", "data": "x"}
+        for key, status in ((API_KEY, 401), (new_key, 200)):
+            headers = {"Authorization": f"Bearer {key}"}
+            async with s.post(f"{server.http}/api/publish", json=body, headers=headers) as r:
+                assert r.status == status, await r.text()
+        assert (await ws.push("message"))["data"] == "x"
         # Still on the same address and port, the connection untouched.
         async with s.get(f"{server.http}/healthz") as r:
             assert r.status == 200
-        await publish(s, server, "news:1", "same place")
+        await publish(s, server, "news:1", "same place", new_key)
         assert (await ws.push("message"))["data"] == "same place"
         # The live option took effect: a new SSE stream gets the new retry hint.
         async with s.get(f"{server.http}/sse", params={"channel": "feed:1"}) as r:
