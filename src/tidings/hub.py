@@ -73,7 +73,7 @@ class Hub:
         self._channels: dict[str, dict[Sink, _Sub]] = {}
         self.delivered = 0  # live publications handed to sinks (counted once per publication)
         self.subscription_count = 0  # (sink, channel) pairs registered here
-        self._max_pending = max_pending_bytes
+        self.max_pending = max_pending_bytes  # bytes a catching-up subscriber may fall behind
         self._on_interest = on_interest or _no_interest
 
     # ------------------------------------------------------------------------------ membership
@@ -133,7 +133,7 @@ class Hub:
             else:
                 pending.append(pub)
                 sub.pending_bytes += pub.size
-                if sub.pending_bytes > self._max_pending:
+                if sub.pending_bytes > self.max_pending:
                     # Too far behind while catching up: it cannot be made whole, so it is cut off.
                     self.remove(pub.channel, sub.sink)
                     sub.pending = []

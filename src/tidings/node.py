@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from aiohttp import web
@@ -37,6 +38,11 @@ class Connection(Protocol):
     """What the node needs of any open client connection (to count it and to close it on shutdown)."""
 
     def close(self, code: CloseCode, reason: str | None = None) -> None: ...
+
+    def reconfigure(self) -> None:
+        """The node's settings changed (``Node.reload``): take the new limits, and end what the new rules
+        no longer allow (each transport in its own way, documented in docs/configuration.md)."""
+        ...
 
 
 class Connections(set[Connection]):
@@ -102,6 +108,27 @@ class Node:
             else LocalPushStore(None)
         )
         self.push = PushService(settings, self.policy, store)
+        # What else runs by the settings (the HTTP edge, the heartbeat): told by reload(), in order.
+        self.reload_hooks: list[Callable[[Settings], None]] = []
+
+    def reload(self, settings: Settings) -> None:
+        """Run by ``settings`` from now on: the one place the settings of a running node change (SIGHUP,
+        ``tidings reload``). ``settings`` keeps the running value of every option that cannot change
+        live (``config.reloaded``). The policy goes first (its token verifier may refuse a key file:
+        then nothing changed); then the limits, the hooks, and every open connection re-checks itself
+        against the new rules and budgets."""
+        self.policy.reload(settings)
+        self.settings = settings
+        self.push.settings = settings
+        self.hub.max_pending = settings.max_buffer
+        self.conn_limits.total_max = settings.max_connections
+        self.conn_limits.per_ip_max = settings.max_connections_per_ip
+        self.auth_failures.limit = settings.api_failures_per_minute
+        self.trusted_proxies = parse_networks(settings.trusted_proxies)
+        for hook in self.reload_hooks:
+            hook(settings)
+        for conn in list(self.connections):
+            conn.reconfigure()
 
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)

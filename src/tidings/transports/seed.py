@@ -113,6 +113,18 @@ class ChatSocket(WsProtocol):
         )
         task.add_done_callback(self._subscribed)
 
+    def reconfigure(self) -> None:
+        """A reload: new budgets and limits; a client the ``chat`` namespace's new rules no longer let
+        read ``chat:lobby`` is closed as it would be refused at the upgrade (4003, or 4001 when it now
+        needs a token): the demo protocol has no way to end one subscription."""
+        super().reconfigure()
+        if self._closing:
+            return
+        why = self.session.still_allowed(CHAT_CHANNEL)
+        if why is not None:
+            code = CloseCode.UNAUTHORIZED if why.code is ErrorCode.UNAUTHORIZED else CloseCode.FORBIDDEN
+            self.close(code, why.message[:120])
+
     def _subscribed(self, task: asyncio.Task[SubscribeOutcome | None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.info("chatsocket: subscribe failed: %s", task.exception())

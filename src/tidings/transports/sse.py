@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 
 import jwt
@@ -43,6 +44,7 @@ from ..node import NODE, Node
 from ..policy import Session
 from ..protocol import (
     CLOSE_REASONS,
+    HTTP_STATUS,
     CloseCode,
     ErrorCode,
     Event,
@@ -215,6 +217,7 @@ class HttpStream(BufferedConnection):
         "channels",
         "client_id",
         "counted",
+        "ended",
         "format",
         "index",
         "ip",
@@ -260,6 +263,7 @@ class HttpStream(BufferedConnection):
         # One channel: the id is the publication's own position, so the whole event is shared.
         self.format: Format = (sse_event if len(channels) == 1 else sse_data) if sse else ndjson_line
         self.counted = False
+        self.ended: set[str] = set()  # channels whose subscription the server ended (a reload's rules)
         self._task: asyncio.Task[None] | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
         self._expiry_handle: asyncio.TimerHandle | None = None
@@ -292,12 +296,14 @@ class HttpStream(BufferedConnection):
 
     async def _subscribe_all(self) -> None:
         subs = self.node.subscriptions
-        recovered: list[bool | None] = []
+        recovered: dict[str, bool | None] = {}
         try:
             for i, channel in enumerate(self.channels):
+                if channel in self.ended:
+                    continue  # refused by a reload before its turn came
 
                 def ready(outcome: SubscribeOutcome, i: int = i) -> None:
-                    recovered.append(outcome.recovered)
+                    recovered[outcome.channel] = outcome.recovered
                     self._ready(i, outcome)
 
                 if await subs.subscribe(self, channel, self.spaces[i], self.since[i], ready) is None:
@@ -312,9 +318,11 @@ class HttpStream(BufferedConnection):
         finally:
             self._task = None
         said = []
-        for ch, pos, rec in zip(self.channels, self.positions, recovered, strict=True):
+        for ch, pos in zip(self.channels, self.positions, strict=True):
+            if ch in self.ended or ch not in recovered:
+                continue
             assert pos is not None
-            said.append({"channel": ch, "offset": pos.offset, "epoch": pos.epoch, "recovered": rec})
+            said.append({"channel": ch, "offset": pos.offset, "epoch": pos.epoch, "recovered": recovered[ch]})
         self._control("subscribed", {"channels": said})
 
     def _ready(self, i: int, outcome: SubscribeOutcome) -> None:
@@ -358,6 +366,27 @@ class HttpStream(BufferedConnection):
             self.close(CloseCode.TOKEN_EXPIRED)
             return
         self._expiry_handle = asyncio.get_running_loop().call_later(min(left, MAX_TIMER), self._arm_expiry)
+
+    def reconfigure(self) -> None:
+        """A reload: the new ``max_buffer``; each channel the new rules no longer allow this client
+        ends with ``event: unsubscribe`` (the ``/ws`` push's object), the others go on; a stream left
+        with no channel ends with ``disconnect`` 4003 (reconnecting would be refused the same way)."""
+        super().reconfigure()
+        if self._closing:
+            return
+        subs = self.node.subscriptions
+        for channel in self.channels:
+            if channel in self.ended:
+                continue
+            why = self.session.still_allowed(channel)
+            if why is None:
+                continue
+            self.ended.add(channel)
+            subs.unsubscribe(self, channel)
+            body = {"channel": channel, "code": str(why.code), "reason": why.message, "resubscribe": False}
+            self._control("unsubscribe", body)
+        if len(self.ended) == len(self.channels):
+            self.close(CloseCode.FORBIDDEN, "the server's rules no longer allow this stream's channels")
 
     # ------------------------------------------------------------------------------ the sink
 
@@ -525,8 +554,10 @@ class PollWaiter(asyncio.Protocol):
         "_reusable",
         "_settled",
         "_timer",
+        "channel",
         "client_id",
         "pubs",
+        "refused",
         "session",
         "size",
         "user",
@@ -534,8 +565,10 @@ class PollWaiter(asyncio.Protocol):
     kind = "poll"
     online_linger = POLL_ONLINE_LINGER  # Web Push "offline": the user is online between two polls
 
-    def __init__(self, session: Session, limit: int) -> None:
+    def __init__(self, session: Session, channel: str, limit: int) -> None:
         self.session = session
+        self.channel = channel
+        self.refused: ProtocolError | None = None  # a reload's rules no longer allow the channel
         self.client_id = session.client_id
         self.user = session.user
         self.pubs: list[Publication] = []
@@ -582,6 +615,14 @@ class PollWaiter(asyncio.Protocol):
 
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         self.settle(reuse=False)  # the node shuts down: answer now and close; the client polls on
+
+    def reconfigure(self) -> None:
+        """A reload: a channel the new rules no longer allow is answered now with the error a new poll
+        would get (403 ``permission_denied``, ...)."""
+        why = self.session.still_allowed(self.channel)
+        if why is not None and not self._settled:
+            self.refused = why
+            self.settle(reuse=False)
 
     def lost(self, channel: str) -> None:
         self.settle()  # the client's next poll recovers from its position
@@ -645,7 +686,7 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _answer_bytes(body: bytes, allow_origin: str | None, keep_alive: bool) -> bytes:
+def _answer_bytes(body: bytes, allow_origin: str | None, keep_alive: bool, status: int = 200) -> bytes:
     """The whole HTTP response of a held poll (what ``_answer`` plus the handler's headers give)."""
     headers: CIMultiDict[str] = CIMultiDict()
     headers["Content-Type"] = "application/json"
@@ -658,7 +699,7 @@ def _answer_bytes(body: bytes, allow_origin: str | None, keep_alive: bool) -> by
         headers["Vary"] = "Origin"
     add_security_headers(headers)
     lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    return f"HTTP/1.1 200 OK\r\n{lines}\r\n".encode("latin-1") + body
+    return f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{lines}\r\n".encode("latin-1") + body
 
 
 async def _hold(
@@ -675,7 +716,7 @@ async def _hold(
     is one, else take the socket over and wait for the first live publication or the timeout."""
     _acquire(node, session.ip)  # a pending poll holds a place, like a WebSocket
     node.conn_limits.http += 1  # (while aiohttp's handler has it, the HTTP edge counts its descriptor)
-    waiter = PollWaiter(session, node.settings.max_buffer)
+    waiter = PollWaiter(session, channel, node.settings.max_buffer)
     node.connections.add(waiter)
     node.drained.clear()
     subs = node.subscriptions
@@ -691,6 +732,8 @@ async def _hold(
         outcome = await subs.subscribe(waiter, channel, quiet, since, _nothing)
         if outcome is not None and outcome.recovered is False:
             return _answer([], outcome.position, False)
+        if waiter.refused is not None:  # a reload's rules, while history was read
+            raise ApiError(waiter.refused.code, waiter.refused.message)
         handler = request.protocol
         manager = getattr(handler, "_manager", None)
         if outcome is None or waiter.pubs or waiter.closed or timeout <= 0 or request.method != "GET":
@@ -709,15 +752,21 @@ async def _hold(
             if transport is None or transport.is_closing():
                 return
             pubs = waiter.pubs
-            body = orjson.dumps(
-                {
-                    "publications": [p.wire_json() for p in pubs],
-                    **(pubs[-1].position() if pubs else since).to_json(),
-                    "recovered": True,
-                }
-            )
+            status = 200
+            if waiter.refused is not None:  # a reload's rules: the error a new poll would get
+                code = waiter.refused.code
+                status = HTTP_STATUS[code]
+                body = orjson.dumps({"error": {"code": str(code), "message": waiter.refused.message}})
+            else:
+                body = orjson.dumps(
+                    {
+                        "publications": [p.wire_json() for p in pubs],
+                        **(pubs[-1].position() if pubs else since).to_json(),
+                        "recovered": True,
+                    }
+                )
             again = reuse and keep_alive
-            transport.write(_answer_bytes(body, allow_origin, again))
+            transport.write(_answer_bytes(body, allow_origin, again, status))
             if not again:
                 transport.close()
                 return

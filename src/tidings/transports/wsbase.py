@@ -109,6 +109,11 @@ class BufferedConnection(asyncio.Protocol):
     def beat(self) -> None:
         """One tick of the node's :class:`Heartbeat` (every ``ping_interval`` seconds)."""
 
+    def reconfigure(self) -> None:
+        """The node's settings changed (``Node.reload``): the new ``max_buffer`` from now on."""
+        if not self._closing:
+            self.transport.set_write_buffer_limits(high=self._high_water())
+
     def _high_water(self) -> int:
         return max(1, self.node.settings.max_buffer // 4)
 
@@ -283,6 +288,27 @@ class WsProtocol(BufferedConnection):
 
     def on_anonymous(self) -> None:
         """An anonymous connection on a server that needs tokens, with a protocol that can send one."""
+
+    def reconfigure(self) -> None:
+        """A reload: the command budget and the WebSocket limits follow the new settings from the next
+        frame on; an anonymous connection on a server that now needs tokens is treated as at the
+        upgrade (closed 4001 without an in-band way to authenticate, else given ``auth_timeout``)."""
+        super().reconfigure()
+        if self._closing:
+            return
+        s = self.node.settings
+        self.session.reconfigure()
+        self._conn.set_limits(
+            s.max_message_size,
+            max_fragments=s.max_fragments,
+            frame_rate=s.ws_frame_rate,
+            inflate_rate=s.ws_inflate_rate,
+        )
+        if self.session.identity.anonymous and not s.allow_anonymous:
+            if not self.IN_BAND_AUTH:
+                self.close(CloseCode.UNAUTHORIZED, "this server needs a connection token (?token=)")
+            else:
+                self.on_anonymous()
 
     def register(self) -> None:
         """Count this connection in the node and start reading."""
@@ -460,6 +486,15 @@ class Heartbeat:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+    def set_interval(self, interval: float) -> None:
+        """A reload's ``ping_interval``: the next tick comes that long from now (0: no more ticks)."""
+        if interval == self.interval:
+            return
+        self.interval = interval
+        if self._handle is not None or interval > 0:
+            self.stop()
+            self.start()
 
     def _tick(self) -> None:
         for conn in list(self.node.connections):
