@@ -271,9 +271,10 @@ def report(r: dict[str, Any], command: str) -> str:
 
 RSS per device = (server VmRSS with every device held, 2 s after the last one was ready - VmRSS before the
 first) / n; each of the three rows ran against a fresh server. `/sse` is an `HttpStream` that took the
-socket over from aiohttp (like a WebSocket: no task, no timer per connection); a pending `/poll` is an
-aiohttp request whose handler waits (aiohttp's request handler and request, a task, the waiter in the
-hub, a timer). Beside this benchmark the machine ran other sessions' work (see the load averages).
+socket over from aiohttp (like a WebSocket: no task, no timer per connection); a pending `/poll` took
+the socket over the same way once it has nothing to answer (its `PollWaiter` is the socket's protocol and
+the hub's sink, with one timer; the answer is written there and the socket handed back to aiohttp).
+Beside this benchmark the machine ran other sessions' work (see the load averages).
 `/stream` is the same object as `/sse` (another format).
 """
 

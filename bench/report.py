@@ -150,6 +150,8 @@ def render(
         f"| Load generators | {'busy-polling (never sleep)' if cfg.busy_poll else 'sleep in epoll_wait'} |"
     )
     L.append(f"| Command | `{redact(shlex.join(['python', *argv]))}` |")
+    if cfg.broker != "auto":  # the scenarios' own broker words below are overridden (not Redis ones)
+        L.append(f"| Broker | `--broker {cfg.broker}`: every scenario not on Redis ran on {cfg.broker} |")
     L.append("")
     L.append(
         "| Scenario | Load | Clients | Result | Loss | Latency p50 / p99 / max (ms) "

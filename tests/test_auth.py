@@ -519,8 +519,9 @@ DENIAL_CODES = {401: "unauthorized", 403: "permission_denied"}
 
 
 def expected_http(role: str | None, action: str) -> int:
-    """From docs/http-api.md: publish keys publish/broadcast, read keys read, admin everything; no or a
-    wrong key is 401. The namespace rules are for clients, the HTTP API is the trusted backend."""
+    """From docs/http-api.md: publish keys publish/broadcast, read keys read (history, presence,
+    channels, stats), admin everything; no or a wrong key is 401. The namespace rules are for clients,
+    the HTTP API is the trusted backend."""
     if role is None:
         return 401
     needs = "publish" if action in ("publish", "broadcast") else "read"
@@ -549,7 +550,7 @@ async def test_permission_matrix_http_api_keys(
     for rule in RULES:
         ch = rule.channel
         for label, role, headers in keys:
-            for action in ("publish", "broadcast", "history", "presence", "channels", "metrics"):
+            for action in ("publish", "broadcast", "history", "presence", "channels", "stats", "metrics"):
                 if action == "publish":
                     req = session.post(
                         f"{srv.http}/api/publish", json={"channel": ch, "data": label}, headers=headers
@@ -558,8 +559,8 @@ async def test_permission_matrix_http_api_keys(
                     req = session.post(
                         f"{srv.http}/api/broadcast", json={"channels": [ch], "data": label}, headers=headers
                     )
-                elif action == "channels":
-                    req = session.get(f"{srv.http}/api/channels", headers=headers)
+                elif action in ("channels", "stats"):
+                    req = session.get(f"{srv.http}/api/{action}", headers=headers)
                 elif action == "metrics":  # GET /metrics: a read (or admin) key, like the read routes
                     req = session.get(f"{srv.http}/metrics", headers=headers)
                 else:

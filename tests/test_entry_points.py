@@ -1,6 +1,6 @@
 """Every way in goes through the same policy gate: the permission matrix, rate limits and the token rule
 on /chatsocket, /websocket, the chat page and its form POST, /sse, /stream and /poll, next to /ws
-(tests/test_auth.py)."""
+(tests/test_auth.py; the API-key matrix there covers /api/stats, and /admin is a shell without data)."""
 
 from __future__ import annotations
 
@@ -152,6 +152,11 @@ async def test_locked_server_refuses_anonymous_on_every_entry_point(start_server
             ws = await session.ws_connect(f"ws://127.0.0.1:{srv.port}{path}")
             await ws.send_str('{"body": "sneaky"}')
             assert await recv_demo(ws) == CloseCode.UNAUTHORIZED, path
+        # The admin page is a shell without data; what it shows needs an API key (401 without one).
+        async with session.get(f"{srv.http}/admin") as r:
+            assert r.status == 200 and "secret" not in await r.text()
+        async with session.get(f"{srv.http}/api/stats") as r:
+            assert r.status == 401 and "secret" not in await r.text()
         # With a token, /chatsocket works.
         ws = await chatsocket(session, srv, hs(claims("alice")))
         await live_in(srv, "chat:lobby", 1)

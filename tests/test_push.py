@@ -259,12 +259,13 @@ async def test_429_with_retry_after_is_retried_after_it(
     srv = await push_server(start_server)
     dev = svc.device("busy")
     await register(session, srv, dev.subscription(), ["alerts:r"])
-    svc.answers["busy"] = [(429, {"Retry-After": "1"}), (503, {"Retry-After": "1"})]
+    # (3 s: longer than the backoff's first wait, 1 s, so a Retry-After that is not honoured shows)
+    svc.answers["busy"] = [(429, {"Retry-After": "3"}), (503, {"Retry-After": "1"})]
     await publish(session, srv, "alerts:r", "later")
     await svc.until(lambda: len(svc.of("busy")) == 1)
     t = svc.attempts["busy"]
     assert len(t) == 3
-    assert t[1] - t[0] >= 0.95 and t[2] - t[1] >= 0.95  # Retry-After honoured
+    assert t[1] - t[0] >= 2.95 and t[2] - t[1] >= 0.95  # Retry-After honoured
     await counted(srv, sent=1, retried=2, failed=0)
 
 
@@ -304,6 +305,48 @@ async def test_offline_mode_skips_a_connected_user_and_pushes_once_they_left(
     await svc.until(lambda: len(svc.of("ann")) == 1 and len(svc.of("anon")) == 2)
     assert [r.payload["data"] for r in svc.of("ann")] == ["after ann left"]
     await counted(srv, sent=3)
+
+
+@pytest.mark.parametrize("transport", ["sse", "stream", "poll"])
+async def test_offline_mode_counts_a_user_online_on_the_http_transports(
+    start_server: ServerFactory, svc: PushServiceStandIn, session: aiohttp.ClientSession, transport: str
+) -> None:
+    """A user held on /sse, /stream or a pending /poll is online like on /ws: their devices get no
+    "offline" push until the stream ends, or a few seconds after the poll was answered (the publication
+    that answered it is not pushed to them as well)."""
+    srv = await push_server(start_server)
+    token = hs(claims("bob"))
+    bob, anon = svc.device("bob"), svc.device("anon")
+    await register(session, srv, bob.subscription(), ["quiet:h"], token=token)
+    await register(session, srv, anon.subscription(), ["quiet:h"])
+    async with session.get(
+        f"{srv.http}/poll?channel=quiet:h", headers={"Authorization": f"Bearer {token}"}
+    ) as r:
+        epoch = (await r.json())["epoch"]
+    query = f"channel=quiet:h&since=0:{epoch}&timeout=30" if transport == "poll" else "channel=quiet:other"
+    # (a held poll's response starts only with its answer: the request runs as a task)
+    held = asyncio.ensure_future(
+        session.get(f"{srv.http}/{transport}?{query}", headers={"Authorization": f"Bearer {token}"})
+    )
+    try:
+        async with asyncio.timeout(5):
+            while srv.node.push.local_users != {"bob": 1}:
+                await asyncio.sleep(0.01)
+        await publish(session, srv, "quiet:h", "while bob is here")
+        await svc.until(lambda: len(svc.of("anon")) == 1)
+        async with asyncio.timeout(5):
+            resp = await held
+        if transport == "poll":
+            assert (await resp.json())["publications"][0]["data"] == "while bob is here"
+        resp.close()
+    finally:
+        held.cancel()
+    async with asyncio.timeout(10):  # (a poll's user stays online 5 s after its answer: POLL_ONLINE_LINGER)
+        while srv.node.push.local_users:
+            await asyncio.sleep(0.01)
+    await publish(session, srv, "quiet:h", "after bob left")
+    await svc.until(lambda: len(svc.of("bob")) == 1 and len(svc.of("anon")) == 2)
+    assert [r.payload["data"] for r in svc.of("bob")] == ["after bob left"]
 
 
 async def test_a_stuck_push_service_does_not_slow_publishes(
@@ -784,3 +827,36 @@ def test_push_settings_from_file_and_env(tmp_path: Path) -> None:
         s.push_allowed_hosts == ["push.local", "10.9.0.0/16"] and s.push_subject == "mailto:ops@example.com"
     )
     assert s.namespaces["chat"].push is False  # off unless asked for
+
+
+async def test_failed_tokens_block_the_address_on_every_token_route(
+    start_server: ServerFactory, svc: PushServiceStandIn, session: aiohttp.ClientSession
+) -> None:
+    """Bad connection tokens on the push routes count against the address like on /ws, and once it is
+    blocked every route that takes a token answers 429 with Retry-After, before looking at the token."""
+    srv = await push_server(start_server, api_failures_per_minute=2)
+    dev = svc.device("blocked")
+    for _ in range(2):
+        body = await register(session, srv, dev.subscription(), ["alerts:x"], token="not-a-jwt", expect=401)
+        assert body["error"]["code"] == "unauthorized"
+    good = hs(claims("ann"))
+    epoch_q = "since=0:e&timeout=0"
+    for method, path, kw in (
+        (
+            "POST",
+            "/push/subscriptions",
+            {"json": {"subscription": dev.subscription(), "channels": ["alerts:x"]}},
+        ),
+        ("DELETE", "/push/subscriptions", {"json": {"endpoint": dev.subscription()["endpoint"]}}),
+        ("GET", f"/sse?channel=alerts:x&token={good}", {}),
+        ("GET", f"/stream?channel=alerts:x&token={good}", {}),
+        ("GET", f"/poll?channel=alerts:x&{epoch_q}&token={good}", {}),
+    ):
+        headers = {"Authorization": f"Bearer {good}"} if path.startswith("/push") else {}
+        async with session.request(method, srv.http + path, headers=headers, **kw) as r:
+            assert r.status == 429, (method, path, await r.text())
+            assert (await r.json())["error"]["code"] == "rate_limited"
+            assert int(r.headers["Retry-After"]) >= 1
+    with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
+        await session.ws_connect(f"{srv.ws_url}?token={good}")
+    assert exc.value.status == 429

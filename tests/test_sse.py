@@ -354,6 +354,103 @@ async def test_poll_timeout_answers_empty_same_position(
     assert server.node.hub.subscribers("pub:e") == []
 
 
+async def _raw_response(reader: asyncio.StreamReader) -> tuple[dict[str, str], Any]:
+    """One HTTP/1.1 response with a Content-Length body, read off a raw socket."""
+    async with asyncio.timeout(T):
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        assert head[0] == "HTTP/1.1 200 OK", head
+        headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in head[1:] if line)}
+        return headers, orjson.loads(await reader.readexactly(int(headers["content-length"])))
+
+
+async def test_held_poll_answers_on_its_own_socket_and_keeps_it_alive(
+    server: Server, session: aiohttp.ClientSession
+) -> None:
+    """A pending poll is held off aiohttp's request handler (bench/devices.py: its memory); its answer
+    is a whole HTTP response, and the same connection serves the client's next requests."""
+    epoch = (await poll(session, server, "channel=pub:ka"))["epoch"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        for i in range(3):
+            writer.write(
+                f"GET /poll?channel=pub:ka&since={i}:{epoch}&timeout=30 HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{server.port}\r\nOrigin: {server.http}\r\n\r\n".encode()
+            )
+            await live_in(server, "pub:ka", 1)
+            assert server.node.conn_limits.total == 1  # the held poll has its place
+            await publish(session, server, "pub:ka", {"i": i})
+            headers, body = await _raw_response(reader)
+            assert [(p["offset"], p["data"]) for p in body["publications"]] == [(i + 1, {"i": i})]
+            assert (body["offset"], body["epoch"], body["recovered"]) == (i + 1, epoch, True)
+            assert headers["content-type"] == "application/json"
+            assert headers["cache-control"] == "no-store"
+            assert headers["connection"] == "keep-alive"
+            assert headers["x-content-type-options"] == "nosniff"
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        headers, body = await _raw_response(reader)
+        assert body["status"] == "ok"
+        assert server.node.conn_limits.total == 0
+    finally:
+        writer.close()
+
+
+async def test_held_poll_closes_when_a_request_is_pipelined_behind_it(server: Server) -> None:
+    """A request already queued behind the held poll would be lost with its handler: the answer says
+    "Connection: close" and the connection ends, so the client sends it again."""
+    epoch = "x"
+    async with aiohttp.ClientSession() as session:
+        epoch = (await poll(session, server, "channel=pub:pl"))["epoch"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            req = f"GET /poll?channel=pub:pl&since=0:{epoch}&timeout=30 HTTP/1.1\r\nHost: a\r\n\r\n"
+            writer.write(req.encode() + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            await live_in(server, "pub:pl", 1)
+            await publish(session, server, "pub:pl", 1)
+            headers, body = await _raw_response(reader)
+            assert headers["connection"] == "close" and body["offset"] == 1
+            async with asyncio.timeout(T):
+                assert await reader.read() == b""  # closed after the answer
+        finally:
+            writer.close()
+        # The same when the next request arrives while the poll is held (read by the held poll itself).
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(
+                f"GET /poll?channel=pub:pl&since=1:{epoch}&timeout=30 HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+            )
+            await live_in(server, "pub:pl", 1)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            await writer.drain()
+            async with asyncio.timeout(T):  # read (and dropped) by the held poll
+                while all(getattr(c, "_reusable", True) for c in server.node.connections):
+                    await asyncio.sleep(0.01)
+            await publish(session, server, "pub:pl", 2)
+            headers, body = await _raw_response(reader)
+            assert headers["connection"] == "close" and body["offset"] == 2
+            async with asyncio.timeout(T):
+                assert await reader.read() == b""
+        finally:
+            writer.close()
+
+
+async def test_held_poll_whose_client_goes_away_is_released(
+    server: Server, session: aiohttp.ClientSession
+) -> None:
+    epoch = (await poll(session, server, "channel=pub:gone"))["epoch"]
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        f"GET /poll?channel=pub:gone&since=0:{epoch}&timeout=30 HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+    )
+    await live_in(server, "pub:gone", 1)
+    assert server.node.conn_limits.total == 1
+    writer.close()
+    await no_connections(server)
+    async with asyncio.timeout(T):
+        while server.node.conn_limits.total or server.node.hub.subscribers("pub:gone"):
+            await asyncio.sleep(0.01)
+    await publish(session, server, "pub:gone", 1)  # nothing to write to: no error anywhere
+
+
 async def test_poll_unrecoverable(server: Server, session: aiohttp.ClientSession) -> None:
     for i in range(7):
         await publish(session, server, "small:p", i)

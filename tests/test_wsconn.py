@@ -313,3 +313,19 @@ def test_inflating_stops_at_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [type(e) for e in events] == [Message, Message, ConnectionFailed]
     assert events[-1] == ConnectionFailed(4030, "too many inflated bytes per second")
     assert asked[-1] <= (1 << 20) - 800_000 + 1  # the third inflate was cut at what was left
+
+
+def test_set_limits_applies_from_the_next_frame() -> None:
+    """A configuration reload's WebSocket limits (``Connection.set_limits``) hold for an open connection:
+    a smaller ``max_size`` refuses the next large message (1009), a frame rate cuts a burst (4030)."""
+    clock = Clock()
+    c = Connection(1000, clock=clock)
+    assert c.receive_data(client_frame(b"x" * 500)) == [Message(Opcode.TEXT, b"x" * 500)]
+    c.set_limits(100)
+    [failed] = c.receive_data(client_frame(b"x" * 500))
+    assert isinstance(failed, ConnectionFailed) and failed.code == 1009
+    c = Connection(1000, clock=clock)
+    assert len(c.receive_data(client_frame(b"p", OP_PING) * 50)) == 50  # no frame rate at first
+    c.set_limits(1000, frame_rate=5.0)  # bursts of 10
+    events = c.receive_data(client_frame(b"p", OP_PING) * 50)
+    assert isinstance(events[-1], ConnectionFailed) and events[-1].code == 4030 and len(events) <= 11

@@ -59,6 +59,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     app[NODE] = node
     app[FLUSHER] = Flusher()
     app[HEARTBEAT] = heartbeat = Heartbeat(node, settings.ping_interval)
+    node.reload_hooks.append(lambda new: heartbeat.set_interval(new.ping_interval))
     app.router.add_routes(api_routes(settings))
     app.router.add_routes(push_routes())
     app.router.add_get("/ws", ws_handler)

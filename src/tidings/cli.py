@@ -46,18 +46,27 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 async def serve(
-    settings: Settings, sock: socket.socket | None = None, worker: WorkerInfo | None = None
+    settings: Settings,
+    sock: socket.socket | None = None,
+    worker: WorkerInfo | None = None,
+    load: Callable[[], Settings] | None = None,
+    source: str = "",
 ) -> int:
     """Run one server process until SIGTERM/SIGINT: the whole server, or worker ``worker`` of a
-    ``--workers`` supervisor (which binds ``settings.port`` with SO_REUSEPORT next to its siblings)."""
+    ``--workers`` supervisor (which binds ``settings.port`` with SO_REUSEPORT next to its siblings).
+    ``load``: how the settings were loaded, run again on SIGHUP to reload them (from file ``source``)."""
+    from dataclasses import replace
+
     from aiohttp import web
 
     from .app import create_app
     from .logs import redact
     from .node import NODE
+    from .reload import Reloader, remove_pid_file, write_pid_file
     from .transports.server import fit_open_files, log_accept_errors, make_runner
     from .workers import notify_ready, watch_supervisor
 
+    loaded = replace(settings)  # as loaded: what a reload compares the file with
     key_note = "API keys from configuration"
     if not settings.api_keys:
         key, path, created = ensure_api_key(settings.data_dir)
@@ -86,7 +95,10 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if load is not None:
+        loop.add_signal_handler(signal.SIGHUP, Reloader(app[NODE], load, loaded, source).reload)
     await site.start()
+    pid_file = write_pid_file(settings.data_dir) if worker is None else None
     log.info("%s", open_files)
     if port == 0 and runner.addresses:
         host, port = runner.addresses[0][:2]
@@ -117,7 +129,10 @@ async def serve(
         watcher.cancel()
     await _drain_delay(app[NODE], stop)
     log.info("shutting down")
-    await runner.cleanup()
+    try:
+        await runner.cleanup()
+    finally:
+        remove_pid_file(pid_file)
     return 0
 
 
@@ -212,10 +227,14 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
             key_note,
         )
 
+    from .reload import remove_pid_file, write_pid_file
+
     log.info("supervisor (pid %d) starting %d workers", os.getpid(), n)
+    pid_file = write_pid_file(settings.data_dir)  # tidings reload: SIGHUP here, forwarded to every worker
     try:
         return Supervisor(n, args.argv, port).run(ready)
     finally:
+        remove_pid_file(pid_file)
         for sock in held:
             sock.close()
 
@@ -226,6 +245,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     worker = worker_info(os.environ)  # set by a --workers supervisor for its workers, else None
     if worker is not None:
         tie_to_supervisor(worker)  # first of all: a worker never outlives its supervisor
+    if hasattr(signal, "SIGHUP"):  # a reload that comes while starting is not a reason to die
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cli = {
         "host": args.host,
         "port": args.port,
@@ -237,8 +258,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "log_format": args.log_format,
         "workers": args.workers,
     }
+
+    def load() -> Settings:
+        loaded = load_settings(cli, config_file=args.config)
+        if worker is not None:
+            loaded.port = worker.port  # the port the supervisor reserved (chosen by it when 0)
+        return loaded
+
     try:
-        settings = load_settings(cli, config_file=args.config)
+        settings = load()
     except ConfigError as exc:
         print(f"tidings: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -252,11 +280,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     if worker is None and settings.workers > 1:
         return _supervise(args, settings)
-    if worker is not None:
-        settings.port = worker.port  # the port the supervisor reserved (chosen by it when 0)
     sock = socket.socket(fileno=args.fd) if args.fd is not None else None
     try:
-        return _run(serve(settings, sock, worker))
+        source = str(args.config or os.environ.get("TIDINGS_CONFIG") or "")
+        return _run(serve(settings, sock, worker, load, source))
     except (BrokerURLError, ConfigError) as exc:  # ConfigError: push_vapid_private_key, read at start
         print(f"tidings: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -270,6 +297,39 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # the listening socket, mostly
         print(f"tidings: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+# ------------------------------------------------------------------------------------ reload, config
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from .reload import signal_reload
+
+    try:
+        print(f"tidings: {signal_reload(Path(args.data_dir))}", file=sys.stderr)
+    except (LookupError, PermissionError) as exc:
+        print(f"tidings: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from .config import check_file
+
+    problems = check_file(args.file)
+    for line in problems:
+        print(line)
+    if problems:
+        return 1
+    print(f"{args.file}: ok")
+    return 0
+
+
+def _cmd_config_example(args: argparse.Namespace) -> int:
+    from .config import example_config
+
+    sys.stdout.write(example_config())
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- clients
@@ -477,6 +537,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--fd", type=int, help=argparse.SUPPRESS)  # an already-bound listening socket (tests)
     s.set_defaults(func=_cmd_serve)
+
+    c = sub.add_parser(
+        "reload",
+        help="make the running server read its configuration again (SIGHUP to the pid in the data dir)",
+    )
+    c.add_argument(
+        "--data-dir",
+        default=os.environ.get("TIDINGS_DATA_DIR", "tidings-data"),
+        help="the server's data dir, where its tidings.pid is (default ./tidings-data; env TIDINGS_DATA_DIR)",
+    )
+    c.set_defaults(func=_cmd_reload)
+
+    c = sub.add_parser("config", help="check a configuration file, or print an example of one")
+    config_sub = c.add_subparsers(dest="config_command", required=True)
+    cc = config_sub.add_parser("check", help="print every problem of FILE as FILE:LINE: message (exit 1)")
+    cc.add_argument("file", metavar="FILE")
+    cc.set_defaults(func=_cmd_config_check)
+    cc = config_sub.add_parser("example", help="print a commented file with every option and its default")
+    cc.set_defaults(func=_cmd_config_example)
 
     def client_opts(c: argparse.ArgumentParser) -> None:
         c.add_argument("--url", help="server URL (default http://127.0.0.1:8888; env TIDINGS_URL)")

@@ -5,10 +5,11 @@ Every option is documented in docs/configuration.md; a test checks that the two 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,44 @@ from urllib.parse import urlsplit
 from .backends.base import HistoryOptions
 from .protocol import namespace_of
 
-__all__ = ["ApiKey", "ConfigError", "Namespace", "Settings", "cpu_count", "load_settings", "parse_workers"]
+__all__ = [
+    "LIVE_OPTIONS",
+    "ApiKey",
+    "ConfigError",
+    "Namespace",
+    "Problem",
+    "Settings",
+    "check_file",
+    "cpu_count",
+    "example_config",
+    "find_line",
+    "load_settings",
+    "parse_workers",
+    "reloaded",
+]
 
 API_ROLES = ("publish", "read", "admin")
 SUBSCRIBE_RULES = ("anyone", "authenticated", "token")
 
 
 class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the option."""
+    """A configuration value is wrong; the message names the option. ``key``: where in the file, as a
+    path of table keys and array indexes (``("namespaces", "chat", "publish")``, ``("api_keys", 1)``),
+    when the value came from the file."""
+
+    def __init__(self, message: str, key: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong in a configuration file: where (a key path, see :class:`ConfigError`; or a
+    line number tomllib gave for a syntax error) and what."""
+
+    key: tuple[str | int, ...]
+    message: str
+    line: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,36 +287,52 @@ _POSITIVE: dict[str, float] = {
 _CHOICES: dict[str, tuple[str, ...]] = {"log_format": ("text", "json")}
 _LISTS = {"api_keys", "allowed_origins", "trusted_proxies", "public_url", "push_allowed_hosts"}
 PUSH_MODES = (False, "always", "offline")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PUSH_URGENCIES = ("very-low", "low", "normal", "high")
 _TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _api_keys(value: Any) -> list[ApiKey]:
+def _api_keys(value: Any, problems: list[Problem] | None = None) -> list[ApiKey]:
+    """The ``api_keys`` list; with ``problems``, every bad entry is recorded there instead of raised."""
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, list):
         raise ConfigError("api_keys must be a list")
     keys: list[ApiKey] = []
     for i, item in enumerate(value, 1):
-        if isinstance(item, ApiKey):
-            keys.append(item)
-        elif isinstance(item, str):
-            keys.append(ApiKey(f"key{i}", item, "admin"))
-        elif isinstance(item, dict) and isinstance(item.get("key"), str):
-            role = item.get("role", "admin")
-            if role not in API_ROLES:
-                raise ConfigError(f"api_keys[{i}].role must be one of {', '.join(API_ROLES)}")
-            unknown = set(item) - {"name", "key", "role"}
-            if unknown:
-                raise ConfigError(f"api_keys[{i}]: unknown option(s) {', '.join(sorted(unknown))}")
-            keys.append(ApiKey(str(item.get("name", f"key{i}")), item["key"], role))
-        else:
-            raise ConfigError(f"api_keys[{i}] must be a string or a table with name, key and role")
-        if len(keys[-1].key) < 16:
-            raise ConfigError(f"api key {keys[-1].name!r} is shorter than 16 characters")
+        try:
+            keys.append(_api_key(i, item))
+        except ConfigError as exc:
+            if problems is None:
+                raise
+            problems.append(Problem(exc.key, str(exc)))
     return keys
+
+
+def _api_key(i: int, item: Any) -> ApiKey:
+    where = ("api_keys", i - 1)
+    if isinstance(item, ApiKey):
+        key = item
+    elif isinstance(item, str):
+        key = ApiKey(f"key{i}", item, "admin")
+    elif isinstance(item, dict) and isinstance(item.get("key"), str):
+        for name in item:
+            if name not in ("name", "key", "role"):
+                raise ConfigError(
+                    f"api_keys[{i}]: unknown option {name!r}{did_you_mean(name, ('name', 'key', 'role'))}",
+                    (*where, name),
+                )
+        role = item.get("role", "admin")
+        if role not in API_ROLES:
+            raise ConfigError(f"api_keys[{i}].role must be one of {', '.join(API_ROLES)}", (*where, "role"))
+        key = ApiKey(str(item.get("name", f"key{i}")), item["key"], role)
+    else:
+        raise ConfigError(f"api_keys[{i}] must be a string or a table with name, key and role", where)
+    if len(key.key) < 16:
+        raise ConfigError(f"api key {key.name!r} is shorter than 16 characters", (*where, "key"))
+    return key
 
 
 def _check_public_url(url: str) -> None:
@@ -346,6 +393,14 @@ def _coerce(name: str, value: Any) -> Any:
         if name == "public_url":
             for url in items:
                 _check_public_url(url)
+        if name == "trusted_proxies":
+            import ipaddress
+
+            for item in items:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ConfigError(f"trusted_proxies: {item!r} is not an address or CIDR") from None
         if name == "push_allowed_hosts":
             from .push.guard import parse_allowed
 
@@ -371,6 +426,8 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name} must be one of {', '.join(_CHOICES[name])}, not {value!r}")
     if typ in (int, float) and out < 0:
         raise ConfigError(f"{name} must not be negative")
+    if name == "log_level" and out.lower() not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
     if name in _POSITIVE and out < _POSITIVE[name]:
         raise ConfigError(f"{name} must be at least {_POSITIVE[name]}")
     if (
@@ -382,34 +439,115 @@ def _coerce(name: str, value: Any) -> Any:
     return out
 
 
-def _namespace(name: str, raw: Any, base: Namespace | None = None) -> Namespace:
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` (difflib), or ``""``."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _namespace(name: str, raw: Any, base: Namespace | None, problems: list[Problem]) -> Namespace:
+    """The namespace ``name`` from its TOML table (over ``base``); what is wrong goes to ``problems``,
+    one entry per key (the namespace is then not usable)."""
+    where: tuple[str, ...] = ("namespaces", name) if name else ("default_namespace",)
+    label = ".".join(where)
     if not isinstance(raw, dict):
-        raise ConfigError(f"namespaces.{name} must be a table")
-    unknown = set(raw) - _NS_KEYS
-    if unknown:
-        raise ConfigError(f"namespaces.{name}: unknown option(s) {', '.join(sorted(unknown))}")
+        problems.append(Problem(where, f"{label} must be a table"))
+        return base or Namespace(name)
     ns = base or Namespace(name)
     for key, value in raw.items():
+        if key not in _NS_KEYS:
+            hint = (
+                " (a server option: put it above the first [table])"
+                if key in _SCALARS or key in _LISTS
+                else did_you_mean(key, _NS_KEYS)
+            )
+            problems.append(Problem((*where, key), f"{label}: unknown option {key!r}{hint}"))
+            continue
         if key == "push":
             if value not in PUSH_MODES or value is True:
-                raise ConfigError(f'namespaces.{name}.push must be false, "always" or "offline"')
-            ns = replace(ns, push=value)
+                problems.append(Problem((*where, key), f'{label}.push must be false, "always" or "offline"'))
+            else:
+                ns = replace(ns, push=value)
             continue
         want = type(getattr(ns, key)) if getattr(ns, key) is not None else int
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise ConfigError(f"namespaces.{name}.{key} must be {want.__name__}")
+            problems.append(Problem((*where, key), f"{label}.{key} must be {want.__name__}"))
+            continue
         ns = replace(ns, **{key: value})  # type: ignore[arg-type]
-    if ns.subscribe not in SUBSCRIBE_RULES:
-        raise ConfigError(f"namespaces.{name}.subscribe must be one of {', '.join(SUBSCRIBE_RULES)}")
-    if ns.push_urgency not in PUSH_URGENCIES:
-        raise ConfigError(f"namespaces.{name}.push_urgency must be one of {', '.join(PUSH_URGENCIES)}")
-    if ns.push_ttl < 0:
-        raise ConfigError(f"namespaces.{name}.push_ttl must not be negative")
-    if ns.push_topic and not _TOPIC.fullmatch(ns.push_topic):
-        raise ConfigError(f"namespaces.{name}.push_topic must be 1 to 32 characters of A-Z a-z 0-9 _ -")
+    checks = (
+        ("subscribe", ns.subscribe in SUBSCRIBE_RULES, f"must be one of {', '.join(SUBSCRIBE_RULES)}"),
+        ("push_urgency", ns.push_urgency in PUSH_URGENCIES, f"must be one of {', '.join(PUSH_URGENCIES)}"),
+        ("push_ttl", ns.push_ttl >= 0, "must not be negative"),
+        (
+            "push_topic",
+            not ns.push_topic or bool(_TOPIC.fullmatch(ns.push_topic)),
+            "must be 1 to 32 characters of A-Z a-z 0-9 _ -",
+        ),
+        ("history_size", ns.history_size >= 0, "must not be negative"),
+        ("history_ttl", ns.history_ttl >= 0, "must not be negative"),
+    )
+    for key, ok, what in checks:
+        if not ok:
+            problems.append(Problem((*where, key), f"{label}.{key} {what}"))
     return ns
+
+
+_TOP_KEYS = frozenset((*_SCALARS, *_LISTS, "namespaces", "default_namespace"))
+
+
+def _apply_file(s: Settings, raw: dict[str, Any]) -> list[Problem]:
+    """Apply a parsed TOML file to ``s``; every problem found (none: all of it applied)."""
+    problems: list[Problem] = []
+    for key, value in raw.items():
+        if key == "namespaces":
+            if not isinstance(value, dict):
+                problems.append(Problem((key,), "namespaces must be a table"))
+                continue
+            # Listed namespaces start from the shipped ones of the same name (chat, user) and override them.
+            s.namespaces = {
+                **s.namespaces,
+                **{n: _namespace(n, ns, s.namespaces.get(n), problems) for n, ns in value.items()},
+            }
+        elif key == "default_namespace":
+            s.default_namespace = None if value is False else _namespace("", value, None, problems)
+        elif key not in _TOP_KEYS:
+            problems.append(Problem((key,), f"unknown option {key!r}{did_you_mean(key, _TOP_KEYS)}"))
+        elif key == "api_keys" and isinstance(value, list):
+            s.api_keys = _api_keys(value, problems)
+        else:
+            try:
+                setattr(s, key, _coerce(key, value))
+            except ConfigError as exc:
+                problems.append(Problem(exc.key or (key,), str(exc)))
+    return problems
+
+
+def _read_file(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """The file's text and its parsed TOML; ConfigError (with the line of a syntax error) if neither."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}:{_toml_error_line(exc, text)}: {exc}") from None
+
+
+def _toml_error_line(exc: tomllib.TOMLDecodeError, text: str) -> int:
+    """The line of a TOML syntax error: tomllib's ``lineno`` (Python 3.14+), else the one its message
+    names ("at line N"), else the last line ("at end of document")."""
+    lineno = getattr(exc, "lineno", None)
+    if isinstance(lineno, int):
+        return lineno
+    m = re.search(r"at line (\d+)", str(exc))
+    return int(m[1]) if m else max(1, len(text.splitlines()))
+
+
+def _format(path: str | Path, text: str, problems: list[Problem]) -> list[str]:
+    return [f"{path}:{p.line or find_line(text, p.key)}: {p.message}" for p in problems]
 
 
 def load_settings(
@@ -417,31 +555,18 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     config_file: str | Path | None = None,
 ) -> Settings:
-    """Build Settings from defaults, then the TOML file, then TIDINGS_* variables, then CLI values."""
+    """Build Settings from defaults, then the TOML file, then TIDINGS_* variables, then CLI values.
+
+    A file with problems is refused whole: ConfigError listing every one of them as ``FILE:LINE:
+    message``, one per line."""
     env = os.environ if env is None else env
     s = Settings()
     path = config_file or env.get("TIDINGS_CONFIG")
     if path:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        namespaces = raw.pop("namespaces", None)
-        default_ns = raw.pop("default_namespace", ...)
-        for key, value in raw.items():
-            if key not in _SCALARS and key not in _LISTS:
-                raise ConfigError(f"unknown option {key!r} in {path}")
-            setattr(s, key, _coerce(key, value))
-        if namespaces is not None:
-            if not isinstance(namespaces, dict):
-                raise ConfigError("namespaces must be a table")
-            # Listed namespaces start from the shipped ones of the same name (chat, user) and override them.
-            s.namespaces = {
-                **s.namespaces,
-                **{name: _namespace(name, ns, s.namespaces.get(name)) for name, ns in namespaces.items()},
-            }
-        if default_ns is not ...:
-            s.default_namespace = None if default_ns is False else _namespace("", default_ns)
+        text, raw = _read_file(path)
+        problems = _apply_file(s, raw)
+        if problems:
+            raise ConfigError("\n".join(_format(path, text, problems)))
     for key in (*_SCALARS, *_LISTS):
         value = env.get(f"TIDINGS_{key.upper()}")
         if not value and key == "api_keys":
@@ -453,3 +578,183 @@ def load_settings(
         if value is not None:
             setattr(s, key, _coerce(key, value))
     return s
+
+
+def check_file(path: str | Path) -> list[str]:
+    """``tidings config check``: every problem of a configuration file as ``FILE:LINE: message`` (an
+    empty list: the file is valid, and ``serve --config`` takes it). The same validation as
+    :func:`load_settings`, plus what ``serve`` checks only when it starts (the token key files)."""
+    try:
+        text, raw = _read_file(path)
+    except ConfigError as exc:
+        return [str(exc)]
+    s = Settings()
+    problems = _apply_file(s, raw)
+    return _format(path, text, problems + start_problems(s))
+
+
+def start_problems(s: Settings) -> list[Problem]:
+    """What only a start (or a reload) finds: token key files that cannot be read or parsed."""
+    from .auth import TokenVerifier
+
+    problems: list[Problem] = []
+    for key, alone in (
+        ("token_public_key", replace(s, token_jwks="")),
+        ("token_jwks", replace(s, token_public_key="")),
+    ):
+        if getattr(s, key):
+            try:
+                TokenVerifier(alone)  # the one loader of these files
+            except Exception as exc:  # OSError, JSON and PyJWT's own errors
+                problems.append(Problem((key,), f"{key}: cannot load {getattr(s, key)!r}: {exc}"))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- lines
+
+# How a problem gets its line: tomllib reports no positions for keys, so the file's text is scanned once,
+# line by line, keeping the current table header ([a.b] or [[a]], array tables counted per path) and
+# reading the dotted key left of each "=". A line's key path is the header's path plus its own key; a
+# problem is put on the first line whose path equals its key path, else on the line of the longest prefix
+# of it that has one (a key inside an inline table gets the line of the table's key), else on line 1.
+# Lines inside multi-line strings are skipped.
+
+_KEY_PART = re.compile(r"""\s*([A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')\s*""")
+
+
+def _parse_key(text: str) -> tuple[list[str], str] | None:
+    """A dotted TOML key at the start of ``text``: its parts and the rest of the text; None if none."""
+    parts: list[str] = []
+    pos = 0
+    while True:
+        m = _KEY_PART.match(text, pos)
+        if m is None:
+            return None
+        part = m[1]
+        parts.append(part[1:-1] if part[0] in "\"'" else part)
+        pos = m.end()
+        if text.startswith(".", pos):
+            pos += 1
+            continue
+        return parts, text[pos:]
+
+
+def _key_lines(text: str) -> Iterator[tuple[tuple[str | int, ...], int]]:
+    """Each table header and key of a TOML text: (its full key path, its line number)."""
+    table: tuple[str | int, ...] = ()
+    arrays: dict[tuple[str | int, ...], int] = {}
+    in_string: str | None = None
+    for n, line in enumerate(text.splitlines(), 1):
+        if in_string is not None:
+            if line.count(in_string) % 2 == 1:
+                in_string = None
+            continue
+        stripped = line.strip()
+        if stripped.startswith("["):
+            array = stripped.startswith("[[")
+            parsed = _parse_key(stripped[2:] if array else stripped[1:])
+            if parsed is None:
+                continue
+            path: tuple[str | int, ...] = tuple(parsed[0])
+            if array:
+                arrays[path] = arrays.get(path, -1) + 1
+                path = (*path, arrays[path])
+            else:  # a table under an array table: [[a]] then [a.b] is a.<last>.b
+                for prefix, index in arrays.items():
+                    if path[: len(prefix)] == prefix:
+                        path = (*prefix, index, *path[len(prefix) :])
+                        break
+            table = path
+            yield table, n
+            continue
+        parsed = _parse_key(stripped)
+        if parsed is None or not parsed[1].startswith("="):
+            continue
+        yield (*table, *parsed[0]), n
+        rest = parsed[1][1:]
+        for quote in ('"""', "'''"):
+            if rest.count(quote) % 2 == 1:
+                in_string = quote
+
+
+def find_line(text: str, key: tuple[str | int, ...]) -> int:
+    """The line of ``key`` (a key path) in a TOML text: see the method above."""
+    best, best_len = 1, 0
+    for path, n in _key_lines(text):
+        if path == key:
+            return n
+        if best_len < len(path) < len(key) and key[: len(path)] == path:
+            best, best_len = n, len(path)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- reload
+
+# Options a reload (SIGHUP, ``tidings reload``) applies to the running server; every other option keeps
+# its running value until a restart (the reload says which ones changed). docs/configuration.md lists
+# both; a test checks it does. Options added later are restart-only until they are listed here.
+LIVE_OPTIONS = frozenset(
+    {
+        "api_keys",
+        "allowed_origins",
+        "trusted_proxies",
+        "public_url",
+        "token_secret",
+        "token_public_key",
+        "token_jwks",
+        "token_audience",
+        "token_issuer",
+        "allow_anonymous",
+        "auth_timeout",
+        "max_message_size",
+        "max_buffer",
+        "max_connections",
+        "max_connections_per_ip",
+        "max_http_connections",
+        "max_subscriptions",
+        "max_fragments",
+        "ws_frame_rate",
+        "ws_inflate_rate",
+        "client_rate",
+        "user_rate",
+        "api_failures_per_minute",
+        "header_timeout",
+        "body_timeout",
+        "ping_interval",
+        "sse_retry",
+        "poll_max_timeout",
+        "compression",
+        "echo_raw",
+        "log_level",
+        "push_max_subscriptions_per_user",
+        "push_max_subscriptions",
+        "push_max_channels",
+        "namespaces",
+        "default_namespace",
+    }
+)
+
+
+def reloaded(running: Settings, before: Settings, after: Settings) -> tuple[Settings, list[str], list[str]]:
+    """What a reload applies. ``before``/``after``: the settings as loaded (file, environment and
+    command line) at the last (re)load and now; ``running``: what the server runs with (``before`` after
+    start-up adjustments, such as the port a worker got, or a generated API key). Returns the settings to
+    run with (``after``'s live options, ``running``'s others), the live options that changed, and the
+    other options that changed but are kept until a restart."""
+    new = replace(running)
+    live: list[str] = []
+    kept: list[str] = []
+    for f in fields(Settings):
+        if getattr(before, f.name) == getattr(after, f.name):
+            continue
+        if f.name in LIVE_OPTIONS:
+            setattr(new, f.name, getattr(after, f.name))
+            live.append(f.name)
+        else:
+            kept.append(f.name)
+    return new, live, kept
+
+
+def example_config() -> str:
+    """``tidings config example``: every option with its default and what it means (example.toml)."""
+    return (Path(__file__).parent / "example.toml").read_text()

@@ -13,6 +13,7 @@ closes synchronously and ``Sink.close`` schedules its own clean-up on the loop.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from typing import Protocol
 
@@ -78,7 +79,8 @@ class Hub:
     ) -> None:
         self._channels: dict[str, dict[Sink, _Sub]] = {}
         self.counters = counters or Counters()
-        self._max_pending = max_pending_bytes
+        self.subscription_count = 0  # (sink, channel) pairs registered here
+        self.max_pending = max_pending_bytes  # bytes a catching-up subscriber may fall behind
         self._on_interest = on_interest or _no_interest
 
     # ------------------------------------------------------------------------------ membership
@@ -92,6 +94,7 @@ class Hub:
         elif sink in subs:
             return False
         subs[sink] = _Sub(sink)
+        self.subscription_count += 1
         return True
 
     def go_live(self, channel: str, sink: Sink, after_offset: int) -> bool:
@@ -104,12 +107,14 @@ class Hub:
         for pub in pending:
             if pub.offset > after_offset:
                 sink.push(pub)
+                self.counters.deliveries += 1
         return True
 
     def remove(self, channel: str, sink: Sink) -> bool:
         subs = self._channels.get(channel)
         if subs is None or subs.pop(sink, None) is None:
             return False
+        self.subscription_count -= 1
         if not subs:
             del self._channels[channel]
             self._on_interest(channel, False)
@@ -135,7 +140,7 @@ class Hub:
             else:
                 pending.append(pub)
                 sub.pending_bytes += pub.size
-                if sub.pending_bytes > self._max_pending:
+                if sub.pending_bytes > self.max_pending:
                     # Too far behind while catching up: it cannot be made whole, so it is cut off.
                     self.remove(pub.channel, sub.sink)
                     sub.pending = []
@@ -158,6 +163,15 @@ class Hub:
     def channels(self) -> dict[str, int]:
         """Active channels on this node with their subscriber counts."""
         return {ch: len(subs) for ch, subs in self._channels.items()}
+
+    def busiest(self, limit: int, query: str = "") -> tuple[int, list[tuple[str, int]]]:
+        """The ``limit`` channels with the most subscribers (ties by name), among those whose name
+        contains ``query``, with their counts; and how many channels match."""
+        items = self._channels.items()
+        pairs = (
+            [(-len(s), ch) for ch, s in items if query in ch] if query else [(-len(s), ch) for ch, s in items]
+        )
+        return len(pairs), [(ch, -n) for n, ch in heapq.nsmallest(limit, pairs)]
 
     def subscribers(self, channel: str) -> list[Sink]:
         return list(self._channels.get(channel, {}))

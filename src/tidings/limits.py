@@ -33,6 +33,12 @@ class TokenBucket:
             return True
         return False
 
+    def set_rate(self, rate: float, burst: float) -> None:
+        """New limits from the next take on; tokens saved up beyond the new burst are dropped."""
+        self.rate = rate
+        self.burst = burst
+        self.tokens = min(self.tokens, burst)
+
     def retry_after(self) -> float:
         return max(0.0, (1 - self.tokens) / self.rate) if self.rate > 0 else 0.0
 
@@ -45,6 +51,13 @@ class RateLimiter:
         self.burst = burst
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._max = max_keys
+
+    def set_rate(self, rate: float, burst: float) -> None:
+        """New limits for every key, the buckets already there included."""
+        self.rate = rate
+        self.burst = burst
+        for b in self._buckets.values():
+            b.set_rate(rate, burst)
 
     def take(self, key: str) -> bool:
         b = self._buckets.get(key)

@@ -193,7 +193,7 @@ class NodeCollector(Collector):
         by_transport: dict[str, int] = {}
         live_in = live_out = 0
         for conn in list(node.connections):
-            kind = getattr(conn, "transport_name", "other")
+            kind = getattr(conn, "kind", "other")
             by_transport[kind] = by_transport.get(kind, 0) + 1
             live_in += getattr(conn, "bytes_in", 0)
             live_out += getattr(conn, "bytes_out", 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from aiohttp import web
@@ -26,8 +27,9 @@ from .limits import ConnectionLimiter, FailureLimiter, parse_networks
 from .metrics import Counters
 from .policy import Policy
 from .presence import presence_for
-from .protocol import CloseCode, Publication
+from .protocol import CloseCode, ErrorCode, Publication
 from .push import PushService
+from .stats import EventRing
 from .subscriptions import Subscriptions
 from .workers import WorkerInfo, worker_info
 
@@ -41,19 +43,32 @@ class Connection(Protocol):
 
     def close(self, code: CloseCode, reason: str | None = None) -> None: ...
 
+    def reconfigure(self) -> None:
+        """The node's settings changed (``Node.reload``): take the new limits, and end what the new rules
+        no longer allow (each transport in its own way, documented in docs/configuration.md)."""
+        ...
+
 
 class Connections(set[Connection]):
     """The node's open connections. Adding or removing one whose ``user`` is set tells Web Push that
     user is online here (``push = "offline"`` skips their devices), whatever the transport; a connection
-    that authenticates after it was added tells it itself (``PushService.connected``)."""
+    that authenticates after it was added tells it itself (``PushService.connected``). A connection
+    with an ``online_linger`` (a pending poll) keeps its user online that many seconds after it ended:
+    the client polls again at once, and the publication that answered it must not be pushed to them too.
+
+    ``by_kind`` counts them per transport (each connection's ``kind``: ws, chatsocket, echo, sse,
+    stream, poll), for ``GET /api/stats``."""
 
     def __init__(self, node: Node) -> None:
         super().__init__()
         self._node = node
+        self.by_kind: dict[str, int] = {}
 
     def add(self, conn: Connection) -> None:
         if conn not in self:
             super().add(conn)
+            kind = getattr(conn, "kind", "other")
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
             user = getattr(conn, "user", "")
             if user:
                 self._node.push.connected(user)
@@ -61,9 +76,15 @@ class Connections(set[Connection]):
     def discard(self, conn: object) -> None:
         if conn in self:
             super().discard(conn)
+            kind = getattr(conn, "kind", "other")
+            self.by_kind[kind] -= 1
             user = getattr(conn, "user", "")
             if user:
-                self._node.push.disconnected(user)
+                linger: float = getattr(conn, "online_linger", 0.0)
+                if linger > 0:  # a long-poll client, between two polls, is still here
+                    asyncio.get_running_loop().call_later(linger, self._node.push.disconnected, user)
+                else:
+                    self._node.push.disconnected(user)
 
 
 class Node:
@@ -81,7 +102,9 @@ class Node:
             broker, ttl=settings.presence_ttl, limit=settings.presence_limit
         )
         self.subscriptions = Subscriptions(self.hub, broker, self.presence, self.counters)
-        self.connections: set[Connection] = Connections(self)
+        self.connections = Connections(self)
+        self.errors = EventRing()  # recent error replies and error closes (GET /api/stats)
+        self.slow_consumers = EventRing()  # recent slow-consumer closes (4008)
         self.drained = asyncio.Event()  # set whenever the last connection goes away
         self.started = time.time()
         self.conn_limits = ConnectionLimiter(settings.max_connections, settings.max_connections_per_ip)
@@ -97,6 +120,27 @@ class Node:
             else LocalPushStore(None)
         )
         self.push = PushService(settings, self.policy, store)
+        # What else runs by the settings (the HTTP edge, the heartbeat): told by reload(), in order.
+        self.reload_hooks: list[Callable[[Settings], None]] = []
+
+    def reload(self, settings: Settings) -> None:
+        """Run by ``settings`` from now on: the one place the settings of a running node change (SIGHUP,
+        ``tidings reload``). ``settings`` keeps the running value of every option that cannot change
+        live (``config.reloaded``). The policy goes first (its token verifier may refuse a key file:
+        then nothing changed); then the limits, the hooks, and every open connection re-checks itself
+        against the new rules and budgets."""
+        self.policy.reload(settings)
+        self.settings = settings
+        self.push.settings = settings
+        self.hub.max_pending = settings.max_buffer
+        self.conn_limits.total_max = settings.max_connections
+        self.conn_limits.per_ip_max = settings.max_connections_per_ip
+        self.auth_failures.limit = settings.api_failures_per_minute
+        self.trusted_proxies = parse_networks(settings.trusted_proxies)
+        for hook in self.reload_hooks:
+            hook(settings)
+        for conn in list(self.connections):
+            conn.reconfigure()
 
     async def unready_reason(self) -> str | None:
         """None when this node should get traffic (``/readyz`` 200); else why not: ``draining``, or
@@ -174,6 +218,7 @@ class Node:
     ) -> PublishDone:
         counters = self.counters
         namespace = self.policy.namespace
+        errors = self.errors
         t1 = time.perf_counter()
         t0 = t1 if started is None else started
 
@@ -183,7 +228,9 @@ class Node:
             finally:
                 now = time.perf_counter()
                 counters.broker_op("publish", now - t1)
-                if not isinstance(result, BrokerError):
+                if isinstance(result, BrokerError):
+                    errors.add(source="broker", code=str(ErrorCode.UNAVAILABLE), message=str(result))
+                else:
                     counters.publish_seconds.observe(now - t0)
                     for pub in result:
                         if isinstance(pub, Publication):  # a Repeat stored nothing

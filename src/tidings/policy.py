@@ -48,6 +48,17 @@ class Policy:
         self.ip_rates = RateLimiter(settings.client_rate, settings.client_rate * 2)
         self._ns_cache: dict[str, Namespace] = {}  # valid channel -> its rules
 
+    def reload(self, settings: Settings) -> None:
+        """Decide by ``settings`` from now on (``Node.reload``): rules, token keys, rates. The token
+        verifier is built first, so a key file that cannot be loaded (OSError, ValueError) leaves the
+        policy as it was."""
+        tokens = TokenVerifier(settings)
+        self.settings = settings
+        self.tokens = tokens
+        self.user_rates.set_rate(settings.user_rate, settings.user_rate * 2)
+        self.ip_rates.set_rate(settings.client_rate, settings.client_rate * 2)
+        self._ns_cache.clear()
+
     def namespace(self, channel: object, rid: int | str | None = None) -> Namespace:
         """The rules for ``channel``; ProtocolError invalid_field, invalid_channel or unknown_namespace."""
         if isinstance(channel, str):
@@ -158,6 +169,13 @@ class Session:
     @property
     def user(self) -> str:
         return self.identity.user
+
+    def reconfigure(self) -> None:
+        """The policy's settings changed (a reload): this connection's command budget follows
+        ``client_rate`` from its next command on."""
+        if self.bucket is not None:
+            rate = self.policy.settings.client_rate
+            self.bucket.set_rate(rate, rate * 2)
 
     def take(self) -> bool:
         """Spend one command from this client's budgets; False when one is exhausted (rate_limited)."""

@@ -246,6 +246,7 @@ class Supervisor:
     start_timeout: float = START_TIMEOUT
     workers: dict[int, _Worker] = field(default_factory=dict)
     _signals: list[int] = field(default_factory=list)
+    _hups: int = 0  # SIGHUPs received and not yet forwarded to the workers
     _forwarded: int = 0
     _exits: dict[int, deque[float]] = field(default_factory=dict)
     _waits: dict[int, int] = field(default_factory=dict)  # index -> starts in a row without its broker
@@ -293,8 +294,17 @@ class Supervisor:
         def wake(signum: int, frame: FrameType | None) -> None:
             pass  # the wakeup fd does the work
 
+        def hup(signum: int, frame: FrameType | None) -> None:
+            self._hups += 1  # a reload: forwarded to every worker by the loop
+
         previous: dict[int, object] = {}
-        for sig, handler in ((signal.SIGTERM, record), (signal.SIGINT, record), (signal.SIGCHLD, wake)):
+        handlers = (
+            (signal.SIGTERM, record),
+            (signal.SIGINT, record),
+            (signal.SIGCHLD, wake),
+            (signal.SIGHUP, hup),
+        )
+        for sig, handler in handlers:
             previous[sig] = signal.signal(sig, handler)
         previous[-1] = signal.set_wakeup_fd(self._wake[1], warn_on_full_buffer=False)
         return previous
@@ -409,6 +419,11 @@ class Supervisor:
         while True:
             if self._signals:
                 return self._shutdown()
+            if self._hups:
+                self._hups = 0
+                log.info("SIGHUP: reloading the configuration in %d worker(s)", len(self.workers))
+                # A worker still starting ignores it, and reads the file as it is now anyway.
+                self._signal_all(signal.SIGHUP)
             now = time.monotonic()
             for worker in self._exited():
                 if not self._exited_while_running(worker, now):

@@ -158,6 +158,20 @@ class Connection:
         self._pending_code = 0
         self._eof = False
 
+    def set_limits(
+        self, max_size: int, *, max_fragments: int = 0, frame_rate: float = 0.0, inflate_rate: float = 0.0
+    ) -> None:
+        """New limits from the next frame on (a configuration reload); the rate budget starts full."""
+        parser = self._parser
+        clock = parser.budget.clock if parser.budget is not None else time.monotonic
+        parser.max_size = max_size
+        parser.max_fragments = max_fragments
+        parser.budget = (
+            Budget(frame_rate, inflate_rate, min_bytes=max_size, clock=clock)
+            if frame_rate or inflate_rate
+            else None
+        )
+
     @property
     def held(self) -> int:
         """Bytes of input this connection buffers (a partial frame, the fragments of one message)."""

@@ -11,19 +11,22 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..auth import Identity, find_api_key
+from ..auth import Identity, TokenError, find_api_key
 from ..backends.base import BrokerError, PublishRequest, PublishResult, Repeat
 from ..config import Settings
 from ..limits import client_ip
 from ..metrics import metrics_response
 from ..node import NODE, Node
+from ..policy import Session
 from ..protocol import HTTP_STATUS, ErrorCode, ProtocolError, Publication, StreamPosition
 from ..protocol.messages import MAX_HISTORY_LIMIT
+from ..stats import DEFAULT_CHANNELS, MAX_CHANNELS, MAX_QUERY, snapshot
 
 __all__ = ["ApiError", "api_routes", "error_middleware"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BATCH = 1000  # channels in a broadcast, publications in a batch
+MAX_LOGGED_PATH = 300  # characters of a path kept in the recent errors
 log = logging.getLogger("tidings.api")
 
 
@@ -66,40 +69,97 @@ def _json_errors(path: str) -> bool:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every /api/ error (and every /sse, /stream, /poll one) is JSON with a stable code (counted in
-    ``tidings_errors_total{code}``)."""
-    counters = request.app[NODE].counters
+    """Every /api/ error (and every /sse, /stream, /poll one) is JSON with a stable code, counted in
+    ``tidings_errors_total{code}`` and kept in the node's ring of recent errors (GET /api/stats)."""
     try:
         return await handler(request)
     except ApiError as exc:
-        counters.error(str(exc.code))
-        resp = error_response(exc.code, exc.message, exc.status)
+        resp = _failed(request, exc.code, exc.message, exc.status)
         resp.headers.update(exc.headers)
         return resp
     except ProtocolError as exc:
-        counters.error(str(exc.code))
-        return error_response(exc.code, exc.message)
+        return _failed(request, exc.code, exc.message)
     except BrokerError as exc:
-        counters.error(str(ErrorCode.UNAVAILABLE))
-        return error_response(ErrorCode.UNAVAILABLE, str(exc))
+        return _failed(request, ErrorCode.UNAVAILABLE, str(exc))
     except web.HTTPException as exc:
         if not _json_errors(request.path) or exc.status < 400:
             raise
         code = _STATUS_CODES.get(
             exc.status, ErrorCode.INTERNAL if exc.status >= 500 else ErrorCode.BAD_REQUEST
         )
-        counters.error(str(code))
-        return error_response(code, exc.reason, exc.status)
+        return _failed(request, code, exc.reason, exc.status)
     except Exception:
         if not _json_errors(request.path):
             raise
         log.exception("API request failed: %s %s", request.method, request.path)
-        counters.error(str(ErrorCode.INTERNAL))
-        return error_response(ErrorCode.INTERNAL, "internal error")
+        return _failed(request, ErrorCode.INTERNAL, "internal error")
+
+
+def _failed(request: web.Request, code: ErrorCode, message: str, status: int | None = None) -> web.Response:
+    resp = error_response(code, message, status)
+    node = request.app[NODE]
+    node.counters.error(str(code))
+    node.errors.add(
+        source="http",
+        code=str(code),
+        message=message,
+        status=resp.status,
+        request=f"{request.method} {request.path[:MAX_LOGGED_PATH]}",  # no query string: ?token=
+    )
+    return resp
 
 
 def _node(request: web.Request) -> Node:
     return request.app[NODE]
+
+
+def refuse_if_blocked(node: Node, ip: str, what: str) -> None:
+    """429 for an address that failed to authenticate too often lately (API keys or tokens)."""
+    wait = node.auth_failures.blocked_for(ip)
+    if wait > 0:
+        raise ApiError(
+            ErrorCode.RATE_LIMITED,
+            f"too many failed {what} from this address",
+            headers={"Retry-After": str(int(wait) + 1)},
+        )
+
+
+def client_session(request: web.Request, node: Node, *, query_token: bool) -> Session:
+    """A receiving client's HTTP request (``/sse``, ``/stream``, ``/poll``, ``/push/…``) as the policy
+    gate sees it, the same way as a ``/ws`` connection: an address blocked for failed authentications
+    gets 429, its command budget is spent, and its connection token (``Authorization: Bearer``, or
+    ``?token=`` where ``query_token``: what an ``EventSource`` can send) is verified; a bad one counts
+    against the address. No token: anonymous (the namespace rules decide)."""
+    ip = client_ip(request, node.trusted_proxies)
+    refuse_if_blocked(node, ip, "authentications")
+    session = Session(node.policy, ip, connection=False)
+    if not session.take():
+        raise ApiError(ErrorCode.RATE_LIMITED, "too many requests; slow down", headers={"Retry-After": "1"})
+    header = request.headers.get("Authorization")
+    token = request.query.get("token") if query_token else None
+    if header is not None:
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(ErrorCode.UNAUTHORIZED, "Authorization must be 'Bearer <connection token>'")
+        token = given.strip()
+    if token is not None:
+        try:
+            session.authenticate(token)
+        except TokenError as exc:
+            node.auth_failures.fail(ip)
+            raise ApiError(exc.code, exc.message) from None
+    return session
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object (400 ``bad_request`` otherwise)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(ErrorCode.BAD_REQUEST, f"invalid JSON: {exc.msg}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
+    return obj
 
 
 def _check_key(request: web.Request, role: str) -> Identity:
@@ -107,13 +167,7 @@ def _check_key(request: web.Request, role: str) -> Identity:
     Addresses that keep failing get 429 for a while."""
     node = _node(request)
     ip = client_ip(request, node.trusted_proxies)
-    wait = node.auth_failures.blocked_for(ip)
-    if wait > 0:
-        raise ApiError(
-            ErrorCode.RATE_LIMITED,
-            "too many failed API key attempts from this address",
-            headers={"Retry-After": str(int(wait) + 1)},
-        )
+    refuse_if_blocked(node, ip, "API key attempts")
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     key = find_api_key(node.settings.api_keys, given.strip()) if scheme.lower() == "bearer" else None
@@ -126,14 +180,7 @@ def _check_key(request: web.Request, role: str) -> Identity:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(ErrorCode.BAD_REQUEST, f"invalid JSON: {exc.msg}") from None
-    if not isinstance(obj, dict):
-        raise ApiError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
-    return obj
+    return json_object(await request.read())
 
 
 def _pub_result(pub: Publication | Repeat) -> dict[str, Any]:
@@ -287,6 +334,19 @@ async def channels(request: web.Request) -> web.Response:
     return json_response({"channels": [{"channel": ch, "subscribers": n} for ch, n in found.items()]})
 
 
+async def stats(request: web.Request) -> web.Response:
+    """This process's counters, busiest channels and recent events (docs/admin.md); a read key."""
+    _check_key(request, "read")
+    limit = _int_param(request, "limit", 1, MAX_CHANNELS)
+    query = request.query.get("q", "")
+    if len(query) > MAX_QUERY:
+        raise ApiError(ErrorCode.INVALID_FIELD, f"q must be at most {MAX_QUERY} characters")
+    body = await snapshot(_node(request), DEFAULT_CHANNELS if limit is None else limit, query)
+    resp = json_response(body)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
 async def healthz(request: web.Request) -> web.Response:
     node = _node(request)
     # pid: which process answered (with --workers, which worker this connection landed on)
@@ -314,6 +374,7 @@ def api_routes(settings: Settings | None = None) -> list[web.RouteDef]:
         web.post("/api/broadcast", broadcast),
         web.post("/api/batch", batch),
         web.get("/api/channels", channels),
+        web.get("/api/stats", stats),
         web.get(r"/api/channels/{channel:.+}/history", history),
         web.get(r"/api/channels/{channel:.+}/presence", presence_api),
         web.get("/healthz", healthz),

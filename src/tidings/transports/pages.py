@@ -1,4 +1,5 @@
-"""The chat page: ``/`` (room lobby) and ``/chat/{room}``, server-rendered, then live over /ws (tidings.js).
+"""The chat page: ``/`` (room lobby) and ``/chat/{room}``, server-rendered, then live over /ws (tidings.js);
+and the admin page ``/admin`` (a static shell over ``GET /api/stats``, docs/admin.md).
 
 Security: strict Content-Security-Policy (no inline script or style) and the other security headers on
 every response (errors too), autoescaping templates, and for the form POST fallback: the ``Origin`` (or
@@ -230,6 +231,15 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther(location="/" if room == "lobby" else f"/chat/{room}")
 
 
+async def admin_page(request: web.Request) -> web.Response:
+    """``/admin``: the dashboard's shell, the same for everyone. It holds no data and sets no cookie:
+    the page asks for an API key and reads everything from ``GET /api/stats`` with it (docs/admin.md)."""
+    text = _env.get_template("admin.html").render(static_url="/static")
+    resp = web.Response(text=text, content_type="text/html")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
 async def service_worker(request: web.Request) -> web.StreamResponse:
     """The chat page's service worker (Web Push notifications), at the root so that its scope is ``/``
     (no ``Service-Worker-Allowed`` needed). ``no-cache``: the browser revalidates it on every update check,
@@ -244,6 +254,7 @@ def page_routes() -> list[web.AbstractRouteDef]:
     return [
         web.get("/", chat_page),
         web.get("/sw.js", service_worker),
+        web.get("/admin", admin_page),
         web.get("/chat/{room}", chat_page),
         web.post("/chat/{room}/messages", post_message),
         web.static("/static", WEB_DIR / "static", append_version=False),

@@ -8,18 +8,15 @@ import binascii
 import re
 from typing import Any
 
-import orjson
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..auth import TokenError
 from ..backends.base import PushDevice, PushLimitError
-from ..limits import client_ip
 from ..node import NODE, Node
 from ..policy import Session
 from ..protocol import ErrorCode
 from ..push.guard import EndpointRefused
-from .http_api import ApiError, _check_key, json_response
+from .http_api import ApiError, _check_key, client_session, json_object, json_response
 
 __all__ = ["MAX_PUSH_BODY", "push_routes"]
 
@@ -48,35 +45,13 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raw += chunk
         if len(raw) > MAX_PUSH_BODY:
             raise ApiError(ErrorCode.MESSAGE_TOO_LARGE, f"the body is above {MAX_PUSH_BODY} bytes")
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(ErrorCode.BAD_REQUEST, f"invalid JSON: {exc.msg}") from None
-    if not isinstance(obj, dict):
-        raise ApiError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
-    return obj
+    return json_object(bytes(raw))
 
 
 def _session(request: web.Request, node: Node) -> Session:
     """The client as the policy gate sees it: anonymous, or the user of ``Authorization: Bearer
-    <connection token>``; spends its address's command budget."""
-    ip = client_ip(request, node.trusted_proxies)
-    session = Session(node.policy, ip, connection=False)
-    header = request.headers.get("Authorization")
-    if header is not None:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(ErrorCode.UNAUTHORIZED, "send Authorization: Bearer <connection token>")
-        try:
-            session.authenticate(token.strip())
-        except TokenError as exc:
-            node.auth_failures.fail(ip)
-            raise ApiError(exc.code, exc.message) from None
-    if not session.take():
-        raise ApiError(
-            ErrorCode.RATE_LIMITED, "too many requests from this client", headers={"Retry-After": "1"}
-        )
-    return session
+    <connection token>`` (never ``?token=``: a registration is no EventSource)."""
+    return client_session(request, node, query_token=False)
 
 
 def _key(keys: dict[str, Any], name: str, size: int) -> str:

@@ -90,7 +90,7 @@ class ChatSocket(WsProtocol):
     logged, and a client that keeps being refused is closed (4030)."""
 
     __slots__ = ()
-    transport_name = "chatsocket"
+    kind = "chatsocket"
 
     def __init__(
         self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
@@ -112,6 +112,18 @@ class ChatSocket(WsProtocol):
             self.node.subscriptions.subscribe(self, CHAT_CHANNEL, ns, None, _no_reply)
         )
         task.add_done_callback(self._subscribed)
+
+    def reconfigure(self) -> None:
+        """A reload: new budgets and limits; a client the ``chat`` namespace's new rules no longer let
+        read ``chat:lobby`` is closed as it would be refused at the upgrade (4003, or 4001 when it now
+        needs a token): the demo protocol has no way to end one subscription."""
+        super().reconfigure()
+        if self._closing:
+            return
+        why = self.session.still_allowed(CHAT_CHANNEL)
+        if why is not None:
+            code = CloseCode.UNAUTHORIZED if why.code is ErrorCode.UNAUTHORIZED else CloseCode.FORBIDDEN
+            self.close(code, why.message[:120])
 
     def _subscribed(self, task: asyncio.Task[SubscribeOutcome | None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -136,6 +148,9 @@ class ChatSocket(WsProtocol):
             req = self.session.publication(CHAT_CHANNEL, {"body": obj["body"]})
         except ProtocolError as exc:
             log.info("chatsocket: message refused: %s %s", exc.code, exc.message)
+            self.node.errors.add(
+                source="chatsocket", code=str(exc.code), message=exc.message, client=self.client_id
+            )
             return
         self.node.submit([req], _log_failure, source="chatsocket")
 
@@ -158,7 +173,7 @@ class EchoSocket(WsProtocol):
     what came in (an 81-byte frame that inflates to 64 KiB is answered with about 81 bytes, not 64 KiB)."""
 
     __slots__ = ()
-    transport_name = "echo"
+    kind = "echo"
 
     def _echo(self, opcode: int, payload: bytes) -> None:
         self.msgs_out += 1

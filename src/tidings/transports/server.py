@@ -62,6 +62,8 @@ _HANDLER_ATTRS = (
     "_request_count",  # header deadline: a request was read
     "_upgraded",  # header deadline: the connection was upgraded
     "_loop",
+    "_manager",  # /poll: the server that makes a fresh handler for the socket after a held answer
+    "_messages",  # /poll: requests pipelined behind a held one (then it answers "Connection: close")
 )
 
 
@@ -274,8 +276,22 @@ class _Runner(web.AppRunner):
         if not all(hasattr(server, a) for a in ("_loop", "_kwargs")):
             check_aiohttp(type("Missing", (), {}))  # raises the same clear message
         server.__class__ = _Server
-        server.handler_class = type("Handler", (_EdgeHandler,), attrs)  # type: ignore[attr-defined]
+        handler = type("Handler", (_EdgeHandler,), attrs)
+        server.handler_class = handler  # type: ignore[attr-defined]
+        if node is not None:
+            node.reload_hooks.append(lambda new: _reload_edge(handler, new))
         return server
+
+
+def _reload_edge(handler: type[_EdgeHandler], settings: Settings) -> None:
+    """A reload: the edge's deadlines, caps and trusted proxies, for the connections accepted from now
+    on (and the caps for every connection's next accept/release)."""
+    handler.header_timeout = settings.header_timeout
+    handler.body_timeout = settings.body_timeout
+    handler.trusted = parse_networks(settings.trusted_proxies)
+    if handler.limiter is not None:
+        handler.limiter.total_max = settings.max_http_connections
+        handler.limiter.per_ip_max = settings.max_connections_per_ip
 
 
 def make_runner(app: web.Application, header_timeout: float, **kwargs: Any) -> web.AppRunner:

@@ -26,7 +26,10 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 
 import jwt
@@ -37,12 +40,12 @@ from multidict import CIMultiDict
 from ..auth import TokenError
 from ..backends.base import BrokerError
 from ..config import Namespace
-from ..limits import client_ip
 from ..logs import session_ended
 from ..node import NODE, Node
 from ..policy import Session
 from ..protocol import (
     CLOSE_REASONS,
+    HTTP_STATUS,
     CloseCode,
     ErrorCode,
     Event,
@@ -55,7 +58,7 @@ from ..protocol import (
 )
 from ..subscriptions import SubscribeOutcome
 from .flush import FLUSHER, Flusher
-from .http_api import ApiError, json_response
+from .http_api import ApiError, client_session, json_response
 from .origin import check_origin, log_refusal
 from .pages import add_security_headers
 from .wsbase import CLOSE_GRACE, BufferedConnection, take_over
@@ -136,39 +139,9 @@ def parse_positions(text: str, n: int, what: str) -> list[StreamPosition | None]
 # ---------------------------------------------------------------------------------------------- the gate
 
 
-def _bearer(request: web.Request) -> str | None:
-    """The connection token: ``Authorization: Bearer`` (for non-browser clients) or ``?token=``."""
-    header = request.headers.get("Authorization")
-    if header is not None:
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise ApiError(ErrorCode.UNAUTHORIZED, "Authorization must be 'Bearer <connection token>'")
-        return given.strip()
-    return request.query.get("token")
-
-
 def _session(request: web.Request, node: Node) -> Session:
-    """The request as the policy gate sees it: its address's budget spent, its token verified (a bad
-    one counts against the address, like on /ws)."""
-    ip = client_ip(request, node.trusted_proxies)
-    wait = node.auth_failures.blocked_for(ip)
-    if wait > 0:
-        raise ApiError(
-            ErrorCode.RATE_LIMITED,
-            "too many failed authentications from this address",
-            headers={"Retry-After": str(int(wait) + 1)},
-        )
-    session = Session(node.policy, ip, connection=False)
-    if not session.take():
-        raise ApiError(ErrorCode.RATE_LIMITED, "too many requests; slow down", headers={"Retry-After": "1"})
-    token = _bearer(request)
-    if token is not None:
-        try:
-            session.authenticate(token)
-        except TokenError as exc:
-            node.auth_failures.fail(ip)
-            raise ApiError(exc.code, exc.message) from None
-    return session
+    """The request as the policy gate sees it (like a /ws connection; the token also in ``?token=``)."""
+    return client_session(request, node, query_token=True)
 
 
 def _channels(request: web.Request, node: Node, most: int) -> list[str]:
@@ -245,15 +218,16 @@ class HttpStream(BufferedConnection):
         "channels",
         "client_id",
         "counted",
+        "ended",
         "format",
         "index",
         "ip",
+        "kind",
         "positions",
         "session",
         "since",
         "spaces",
         "sse",
-        "transport_name",
     )
 
     def __init__(
@@ -286,11 +260,12 @@ class HttpStream(BufferedConnection):
         # What the client has, per channel (the SSE id): the last publication pushed, or where it started.
         self.positions: list[StreamPosition | Publication | None] = [None] * len(channels)
         self.sse = sse
-        self.transport_name = "sse" if sse else "stream"
+        self.kind = "sse" if sse else "stream"
         self._begin()
         # One channel: the id is the publication's own position, so the whole event is shared.
         self.format: Format = (sse_event if len(channels) == 1 else sse_data) if sse else ndjson_line
         self.counted = False
+        self.ended: set[str] = set()  # channels whose subscription the server ended (a reload's rules)
         self._task: asyncio.Task[None] | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
         self._expiry_handle: asyncio.TimerHandle | None = None
@@ -323,12 +298,14 @@ class HttpStream(BufferedConnection):
 
     async def _subscribe_all(self) -> None:
         subs = self.node.subscriptions
-        recovered: list[bool | None] = []
+        recovered: dict[str, bool | None] = {}
         try:
             for i, channel in enumerate(self.channels):
+                if channel in self.ended:
+                    continue  # refused by a reload before its turn came
 
                 def ready(outcome: SubscribeOutcome, i: int = i) -> None:
-                    recovered.append(outcome.recovered)
+                    recovered[outcome.channel] = outcome.recovered
                     self._ready(i, outcome)
 
                 if await subs.subscribe(self, channel, self.spaces[i], self.since[i], ready) is None:
@@ -343,9 +320,11 @@ class HttpStream(BufferedConnection):
         finally:
             self._task = None
         said = []
-        for ch, pos, rec in zip(self.channels, self.positions, recovered, strict=True):
+        for ch, pos in zip(self.channels, self.positions, strict=True):
+            if ch in self.ended or ch not in recovered:
+                continue
             assert pos is not None
-            said.append({"channel": ch, "offset": pos.offset, "epoch": pos.epoch, "recovered": rec})
+            said.append({"channel": ch, "offset": pos.offset, "epoch": pos.epoch, "recovered": recovered[ch]})
         self._control("subscribed", {"channels": said})
 
     def _ready(self, i: int, outcome: SubscribeOutcome) -> None:
@@ -391,6 +370,27 @@ class HttpStream(BufferedConnection):
             return
         self._expiry_handle = asyncio.get_running_loop().call_later(min(left, MAX_TIMER), self._arm_expiry)
 
+    def reconfigure(self) -> None:
+        """A reload: the new ``max_buffer``; each channel the new rules no longer allow this client
+        ends with ``event: unsubscribe`` (the ``/ws`` push's object), the others go on; a stream left
+        with no channel ends with ``disconnect`` 4003 (reconnecting would be refused the same way)."""
+        super().reconfigure()
+        if self._closing:
+            return
+        subs = self.node.subscriptions
+        for channel in self.channels:
+            if channel in self.ended:
+                continue
+            why = self.session.still_allowed(channel)
+            if why is None:
+                continue
+            self.ended.add(channel)
+            subs.unsubscribe(self, channel)
+            body = {"channel": channel, "code": str(why.code), "reason": why.message, "resubscribe": False}
+            self._control("unsubscribe", body)
+        if len(self.ended) == len(self.channels):
+            self.close(CloseCode.FORBIDDEN, "the server's rules no longer allow this stream's channels")
+
     # ------------------------------------------------------------------------------ the sink
 
     def push(self, item: Publication | Event) -> None:
@@ -425,6 +425,7 @@ class HttpStream(BufferedConnection):
         self.close_code = int(code)
         if code != CloseCode.NORMAL:
             log.info("closing stream %s (%s): %d %s", self.client_id, self.ip, code, reason)
+            self.noted(int(code), reason)
         self._closing = True
         words = disconnect_push(int(code), reason, code.reconnect)
         self._buffer.append(b"event: disconnect\ndata: " + words + b"\n\n" if self.sse else words + b"\n")
@@ -540,60 +541,115 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------------------------------- long-poll
 
 
-class PollWaiter:
+POLL_ONLINE_LINGER = 5.0  # seconds a long-poll client's user stays online after its poll was answered
+
+
+class PollWaiter(asyncio.Protocol):
     """A pending ``/poll``: the hub's sink for one channel. It collects the replay after ``since``; once
-    live, the first publication answers at once (as do the timeout and the node shutting down). What it
-    collects is bounded by ``max_buffer`` bytes: beyond, the answer is the prefix so far, and the client
-    polls on from there."""
+    it is held (:meth:`hold`), the first publication answers at once (as do the timeout and the node
+    shutting down). What it collects is bounded by ``max_buffer`` bytes: beyond, the answer is the prefix
+    so far, and the client polls on from there.
 
-    __slots__ = ("_done", "_limit", "client_id", "live", "pubs", "session", "size", "started", "user")
-    transport_name = "poll"
+    While it waits it is the socket's protocol, taken over from aiohttp like an SSE stream (no request
+    handler, task or coroutine frame held per pending poll); the answer is written here and the socket is
+    handed back to a fresh aiohttp request handler for the client's next request (keep-alive)."""
 
-    def __init__(self, session: Session, limit: int) -> None:
+    __slots__ = (
+        "_answer",
+        "_limit",
+        "_reusable",
+        "_settled",
+        "_timer",
+        "channel",
+        "client_id",
+        "pubs",
+        "refused",
+        "session",
+        "size",
+        "started",
+        "user",
+    )
+    kind = "poll"
+    online_linger = POLL_ONLINE_LINGER  # Web Push "offline": the user is online between two polls
+
+    def __init__(self, session: Session, channel: str, limit: int) -> None:
         self.session = session
+        self.channel = channel
+        self.refused: ProtocolError | None = None  # a reload's rules no longer allow the channel
         self.client_id = session.client_id
         self.user = session.user
         self.pubs: list[Publication] = []
         self.size = 0
-        self.live = False
         self.started = time.monotonic()
         self._limit = limit
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._settled = False
+        self._answer: Callable[[bool], None] | None = None  # set while held: writes the answer
+        self._timer: asyncio.TimerHandle | None = None
+        self._reusable = True  # no byte came from the client while held
 
     @property
     def closed(self) -> bool:
-        return self._done.done()
+        return self._settled
 
     def writable(self) -> None:
         return None
 
     def push(self, item: Publication | Event) -> None:
-        if type(item) is not Publication or self._done.done():
+        if type(item) is not Publication or self._settled:
             return
         self.pubs.append(item)
         self.size += item.size
-        if self.live or self.size >= self._limit:
+        if self._answer is not None or self.size >= self._limit:
             self.settle()
 
-    def settle(self) -> None:
-        """Answer now, with what there is."""
-        if not self._done.done():
-            self._done.set_result(None)
+    def settle(self, reuse: bool = True) -> None:
+        """Answer now, with what there is (``reuse``: the socket may serve the client's next request)."""
+        if self._settled:
+            return
+        self._settled = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        answer, self._answer = self._answer, None
+        if answer is not None:
+            answer(reuse and self._reusable)
+
+    def hold(self, timeout: float, answer: Callable[[bool], None], transport: asyncio.Transport) -> None:
+        """Wait, as the socket's protocol, for the first live publication or ``timeout`` seconds. It
+        reads meanwhile, to see the client go away (EOF, reset) at once."""
+        self._answer = answer
+        self._timer = asyncio.get_running_loop().call_later(timeout, self.settle)
+        transport.resume_reading()
 
     def close(self, code: CloseCode, reason: str | None = None) -> None:
-        self.settle()  # the node shuts down: answer now; the client polls on from its position
+        self.settle(reuse=False)  # the node shuts down: answer now and close; the client polls on
+
+    def reconfigure(self) -> None:
+        """A reload: a channel the new rules no longer allow is answered now with the error a new poll
+        would get (403 ``permission_denied``, ...)."""
+        why = self.session.still_allowed(self.channel)
+        if why is not None and not self._settled:
+            self.refused = why
+            self.settle(reuse=False)
 
     def lost(self, channel: str) -> None:
         self.settle()  # the client's next poll recovers from its position
 
-    async def wait(self, timeout: float) -> None:
-        self.live = True
-        if not self._done.done():
-            handle = asyncio.get_running_loop().call_later(timeout, self.settle)
-            try:
-                await self._done
-            finally:
-                handle.cancel()
+    def data_received(self, data: bytes) -> None:
+        """A request pipelined behind the held one: dropped (not buffered), and the answer says
+        "Connection: close", so the client sends it again on a new connection."""
+        self._reusable = False
+
+    def eof_received(self) -> bool | None:
+        return None  # the client is gone: the transport closes, connection_lost releases
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The client went away while its poll was held: nothing to answer, only to release."""
+        if not self._settled:
+            answer, self._answer = self._answer, None
+            self.settle()
+            if answer is not None:
+                answer(False)
 
 
 def _timeout(request: web.Request, most: float) -> float:
@@ -630,7 +686,7 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
         res = await node.subscriptions.read(channel, ns.history, limit=0)
         resp = _answer([], res.position, None)
     else:
-        resp = await _hold(node, session, channel, ns, since, timeout)
+        resp = await _hold(request, node, session, channel, ns, since, timeout, allow_origin)
     if allow_origin is not None:
         resp.headers["Access-Control-Allow-Origin"] = allow_origin
         resp.headers["Vary"] = "Origin"
@@ -638,36 +694,107 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _answer_bytes(body: bytes, allow_origin: str | None, keep_alive: bool, status: int = 200) -> bytes:
+    """The whole HTTP response of a held poll (what ``_answer`` plus the handler's headers give)."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    headers["Content-Type"] = "application/json"
+    headers["Content-Length"] = str(len(body))
+    headers["Date"] = formatdate(usegmt=True)
+    headers["Cache-Control"] = "no-store"
+    headers["Connection"] = "keep-alive" if keep_alive else "close"
+    if allow_origin is not None:
+        headers["Access-Control-Allow-Origin"] = allow_origin
+        headers["Vary"] = "Origin"
+    add_security_headers(headers)
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{lines}\r\n".encode("latin-1") + body
+
+
 async def _hold(
-    node: Node, session: Session, channel: str, ns: Namespace, since: StreamPosition, timeout: float
+    request: web.Request,
+    node: Node,
+    session: Session,
+    channel: str,
+    ns: Namespace,
+    since: StreamPosition,
+    timeout: float,
+    allow_origin: str | None,
 ) -> web.Response:
     """Subscribe (a pending poll is in no presence and makes no join/leave), answer the replay if there
-    is one, else wait for the first live publication or the timeout."""
+    is one, else take the socket over and wait for the first live publication or the timeout."""
     _acquire(node, session.ip)  # a pending poll holds a place, like a WebSocket
-    node.conn_limits.http += 1  # (its file descriptor is counted by the HTTP edge already)
-    waiter = PollWaiter(session, node.settings.max_buffer)
+    node.conn_limits.http += 1  # (while aiohttp's handler has it, the HTTP edge counts its descriptor)
+    waiter = PollWaiter(session, channel, node.settings.max_buffer)
     node.connections.add(waiter)
     node.drained.clear()
     subs = node.subscriptions
     quiet = replace(ns, presence=False, join_leave=False)
-    try:
-        outcome = await subs.subscribe(waiter, channel, quiet, since, _nothing)
-        if outcome is not None and outcome.recovered is False:
-            return _answer([], outcome.position, False)
-        if outcome is not None and not waiter.pubs:
-            await waiter.wait(timeout)
-        pubs = waiter.pubs
-        # Cut short before history was read (shutdown): whether it can be recovered is not known yet.
-        recovered = None if outcome is None and not pubs else True
-        return _answer(pubs, pubs[-1].position() if pubs else since, recovered)
-    finally:
+    held = False
+
+    def release() -> None:
         subs.drop(waiter)
-        node.conn_limits.http -= 1
         node.conn_limits.release(session.ip)
         node.forget(waiter)
         session_ended(
             "poll", session.client_id, session.ip, session.user, None, waiter.started, 0, len(waiter.pubs)
         )
+
+    try:
+        outcome = await subs.subscribe(waiter, channel, quiet, since, _nothing)
+        if outcome is not None and outcome.recovered is False:
+            return _answer([], outcome.position, False)
+        if waiter.refused is not None:  # a reload's rules, while history was read
+            raise ApiError(waiter.refused.code, waiter.refused.message)
+        handler = request.protocol
+        manager = getattr(handler, "_manager", None)
+        if outcome is None or waiter.pubs or waiter.closed or timeout <= 0 or request.method != "GET":
+            pubs = waiter.pubs
+            # Cut short before history was read (shutdown): whether it can be recovered is not known yet.
+            recovered = None if outcome is None and not pubs else True
+            return _answer(pubs, pubs[-1].position() if pubs else since, recovered)
+        # A request pipelined behind this one is already in the handler's queue: answer with
+        # "Connection: close" so that the client sends it again on a new connection.
+        keep_alive = request.keep_alive and manager is not None and not getattr(handler, "_messages", ())
+
+        transport = request.transport
+
+        def answer(reuse: bool) -> None:
+            release()
+            if transport is None or transport.is_closing():
+                return
+            pubs = waiter.pubs
+            status = 200
+            if waiter.refused is not None:  # a reload's rules: the error a new poll would get
+                code = waiter.refused.code
+                status = HTTP_STATUS[code]
+                body = orjson.dumps({"error": {"code": str(code), "message": waiter.refused.message}})
+            else:
+                body = orjson.dumps(
+                    {
+                        "publications": [p.wire_json() for p in pubs],
+                        **(pubs[-1].position() if pubs else since).to_json(),
+                        "recovered": True,
+                    }
+                )
+            again = reuse and keep_alive
+            transport.write(_answer_bytes(body, allow_origin, again, status))
+            if not again:
+                transport.close()
+                return
+            fresh = manager()  # type: ignore[misc]  # the server's factory of request handlers
+            transport.set_protocol(fresh)
+            fresh.connection_made(transport)
+            transport.resume_reading()
+
+        take_over(request, b"", lambda t: waiter)  # (raises when the client is gone already)
+        held = True
+        assert transport is not None  # (take_over raised otherwise)
+        waiter.hold(timeout, answer, transport)
+        return web.Response(status=200)  # never sent: aiohttp's side of this connection has no transport
+    finally:
+        node.conn_limits.http -= 1
+        if not held:
+            release()
 
 
 def _nothing(outcome: SubscribeOutcome) -> None:

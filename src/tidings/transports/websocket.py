@@ -71,6 +71,7 @@ class WsConnection(WsProtocol):
         "_task",
     )
     IN_BAND_AUTH = True
+    kind = "ws"
 
     def __init__(
         self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
@@ -87,9 +88,18 @@ class WsConnection(WsProtocol):
         self._grant_handle: asyncio.TimerHandle | None = None
 
     def on_anonymous(self) -> None:
-        self._auth_handle = asyncio.get_running_loop().call_later(
-            self.node.settings.auth_timeout, self.close, CloseCode.AUTH_TIMEOUT
-        )
+        if self._auth_handle is None:
+            self._auth_handle = asyncio.get_running_loop().call_later(
+                self.node.settings.auth_timeout, self.close, CloseCode.AUTH_TIMEOUT
+            )
+
+    def reconfigure(self) -> None:
+        """A reload: new budgets and limits (``WsProtocol``), then every subscription the new rules no
+        longer allow ends with an ``unsubscribe`` push (the code says which rule: ``permission_denied``,
+        ``unknown_namespace``, ``unauthorized``)."""
+        super().reconfigure()
+        if not self._closing:
+            self._recheck()
 
     def allow_ping(self) -> bool:
         return self.session.take()  # pings count against the command budget: no free CPU
@@ -118,6 +128,7 @@ class WsConnection(WsProtocol):
 
     def reply_error(self, rid: int | str | None, code: ErrorCode, message: str) -> None:
         self.node.counters.error(str(code))
+        self.node.errors.add(source="ws", code=str(code), message=message, client=self.client_id)
         self._send(encode_error(rid, code, message))
 
     def on_text(self, text: bytes) -> None:
@@ -248,7 +259,8 @@ class WsConnection(WsProtocol):
 
     def _recheck(self) -> None:
         """End every subscription the client may no longer hold (an expired subscription token, a
-        connection token renewed with fewer channels), each with an ``unsubscribe`` push; then arm the
+        connection token renewed with fewer channels, rules changed by a reload), each with an
+        ``unsubscribe`` push; then arm the
         timer for the next grant to expire."""
         subs = self.node.subscriptions
         for channel in list(subs.channels_of(self)):

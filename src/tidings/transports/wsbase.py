@@ -87,10 +87,12 @@ class BufferedConnection(asyncio.Protocol):
         "node",
         "transport",
     )
-    transport_name = "ws"  # the transport's name in session log lines (``tidings.session``) and metrics
 
     node: Node
     transport: asyncio.Transport
+    kind: str  # the transport's name (ws, chatsocket, echo, sse, stream): metrics, session log lines, stats
+    client_id: str
+    ip: str
     _flusher: Flusher
     _buffer: list[bytes]
     _buffered: int
@@ -118,7 +120,7 @@ class BufferedConnection(asyncio.Protocol):
         node's counters (``tidings.metrics``)."""
         self.node.counters.connection_ended(self.close_code, self.bytes_in, self.bytes_out)
         session_ended(
-            self.transport_name,
+            self.kind,
             client_id,
             ip,
             user,
@@ -132,8 +134,33 @@ class BufferedConnection(asyncio.Protocol):
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         raise NotImplementedError
 
+    @property
+    def user(self) -> str:
+        raise NotImplementedError
+
+    def noted(self, code: int, reason: str) -> None:
+        """A close of ours with an error code, for GET /api/stats: a slow consumer (with what it held
+        back, in bytes) into the node's slow-consumer ring, any other error code into its error ring."""
+        if code == CloseCode.SLOW_CONSUMER:
+            self.node.slow_consumers.add(
+                transport=self.kind,
+                client=self.client_id,
+                user=self.user,
+                ip=self.ip,
+                buffered=self._buffered + self._tbuf,
+            )
+        elif code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+            self.node.errors.add(
+                source=self.kind, code=code, message=reason, client=self.client_id, user=self.user
+            )
+
     def beat(self) -> None:
         """One tick of the node's :class:`Heartbeat` (every ``ping_interval`` seconds)."""
+
+    def reconfigure(self) -> None:
+        """The node's settings changed (``Node.reload``): the new ``max_buffer`` from now on."""
+        if not self._closing:
+            self.transport.set_write_buffer_limits(high=self._high_water())
 
     def _high_water(self) -> int:
         return max(1, self.node.settings.max_buffer // 4)
@@ -221,6 +248,7 @@ class WsProtocol(BufferedConnection):
         "session",
     )
     IN_BAND_AUTH = False  # True where the protocol has its own way to authenticate after the upgrade
+    kind = "ws"
 
     def __init__(
         self, node: Node, transport: asyncio.Transport, ip: str, flusher: Flusher, deflate: bool = False
@@ -313,6 +341,27 @@ class WsProtocol(BufferedConnection):
     def on_anonymous(self) -> None:
         """An anonymous connection on a server that needs tokens, with a protocol that can send one."""
 
+    def reconfigure(self) -> None:
+        """A reload: the command budget and the WebSocket limits follow the new settings from the next
+        frame on; an anonymous connection on a server that now needs tokens is treated as at the
+        upgrade (closed 4001 without an in-band way to authenticate, else given ``auth_timeout``)."""
+        super().reconfigure()
+        if self._closing:
+            return
+        s = self.node.settings
+        self.session.reconfigure()
+        self._conn.set_limits(
+            s.max_message_size,
+            max_fragments=s.max_fragments,
+            frame_rate=s.ws_frame_rate,
+            inflate_rate=s.ws_inflate_rate,
+        )
+        if self.session.identity.anonymous and not s.allow_anonymous:
+            if not self.IN_BAND_AUTH:
+                self.close(CloseCode.UNAUTHORIZED, "this server needs a connection token (?token=)")
+            else:
+                self.on_anonymous()
+
     def register(self) -> None:
         """Count this connection in the node and start reading."""
         self.node.connections.add(self)
@@ -382,6 +431,7 @@ class WsProtocol(BufferedConnection):
         self.close_code = code
         if ours and code != CloseCode.NORMAL:
             log.info("closing %s (%s): %d %s", self.client_id, self.ip, code, reason)
+            self.noted(code, reason)
         if ours and frame and code in _CLOSE_CODES:
             # The last frames go out even past the buffer limit: they are the last this peer gets.
             words = self.last_words(CloseCode(code), reason)
@@ -496,6 +546,15 @@ class Heartbeat:
             self._handle.cancel()
             self._handle = None
 
+    def set_interval(self, interval: float) -> None:
+        """A reload's ``ping_interval``: the next tick comes that long from now (0: no more ticks)."""
+        if interval == self.interval:
+            return
+        self.interval = interval
+        if self._handle is not None or interval > 0:
+            self.stop()
+            self.start()
+
     def _tick(self) -> None:
         for conn in list(self.node.connections):
             if isinstance(conn, BufferedConnection):
@@ -581,7 +640,7 @@ def _wants_deflate(request: web.Request) -> bool:
     return False
 
 
-P = TypeVar("P", bound=BufferedConnection)
+P = TypeVar("P", bound=asyncio.Protocol)
 
 
 def take_over(request: web.Request, head: bytes, make: Callable[[asyncio.Transport], P]) -> P:
