@@ -199,6 +199,30 @@ async def scrape_metrics(cfg: Cfg, srv: Server, every: float) -> dict[str, int]:
     return out
 
 
+async def idle_scrape_cost(cfg: Cfg, srv: Server, conns: int, n: int = 20) -> str:
+    """What one scrape costs the server on its own: ``n`` scrapes one after another while the clients
+    are connected and nothing is published, server CPU time divided by ``n`` (a note)."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {srv.api_key}"}
+    url = f"http://{cfg.target_host}:{srv.port}/metrics"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        before = snap(srv)
+        for _ in range(n):
+            async with s.get(url, headers=headers) as resp:
+                await resp.read()
+        after = snap(srv)
+    if before is None or after is None:
+        return "idle scrape cost: not measured (no /proc sample)"
+    per = (after - before).per(n)
+    if per is None:
+        return "idle scrape cost: not measured"
+    return (
+        f"one GET /metrics with {conns:,} clients connected, idle: "
+        f"{per / 1000:.1f} ms server CPU (mean of {n})"
+    )
+
+
 async def stop_scraper(task: asyncio.Task[dict[str, int]] | None) -> dict[str, int]:
     if task is None:
         return {"ok": 0, "failed": 0, "bytes": 0}
@@ -271,6 +295,8 @@ async def fanout(cfg: Cfg, sz: Sizes, name: str, p: Fanout) -> Result:
             lgs, ready = await start_loadgens(cfg, srv, n, procs, [*mode, "--quiet", "2", *p.lg_extra], dur)
             ready_n = sum(int(x.get("subscribed" if not p.chatsocket else "connections", 0)) for x in ready)
             fd1 = fd_counts(srv)
+            if p.scrape > 0:
+                r.notes.append(await idle_scrape_cost(cfg, srv, ready_n))
             before, rbefore = snap(srv), redis_sample(srv, reset=True)
             common = ["--host", cfg.target_host, "--port", str(srv.port), "--duration", f"{sz.run_s:g}"]
             if not p.chatsocket:
@@ -760,6 +786,17 @@ SCENARIOS: tuple[Scenario[Any], ...] = (
         lambda s: dataclasses.replace(
             _http_fanout(f"{s.rate_1ch:g}", 4, f"HTTP publish at {s.rate_1ch:g}/s to 1 channel, metrics off"),
             env=(("TIDINGS_METRICS", "false"),),
+        ),
+    ),
+    Scenario(
+        "fanout-1ch-rate-counting",
+        "fanout-1ch-rate with metrics on, not scraped while publishing: what counting alone costs",
+        fanout,
+        lambda s: dataclasses.replace(
+            _http_fanout(
+                f"{s.rate_1ch:g}", 4, f"HTTP publish at {s.rate_1ch:g}/s to 1 channel, metrics on, no scrape"
+            ),
+            env=(("TIDINGS_METRICS", "true"),),
         ),
     ),
     Scenario(

@@ -9,12 +9,15 @@ import asyncio
 import json
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+from pytest import MonkeyPatch
 
+from tidings import metrics
 from tidings.config import ApiKey
-from tidings.metrics import Buckets
+from tidings.metrics import Buckets, Counters
 
 from .conftest import API_KEY, ProbeFactory, ServerFactory, api_headers
 from .redis_servers import free_port
@@ -247,3 +250,66 @@ async def test_history_publications_with_sqlite(
     m = await scrape(session, srv.http)
     assert value(m, "tidings_history_publications") == 6  # small keeps 5, chat 1
     assert value(m, "tidings_publications_total", namespace="small", source="http") == 8
+
+
+def test_reported_bytes_never_go_down() -> None:
+    """A connection read as open (100 bytes) that ends before the next scrape (its final 120 bytes move
+    to the ended total) is briefly counted twice; the counter holds rather than going down."""
+    c = Counters()
+    c.live_bytes_sent, c.live_bytes_received = 100, 10
+    assert c.reported_bytes() == (100, 10)
+    c.connection_ended("1000", 12, 120)  # ended after the read: both figures are in for now
+    assert c.reported_bytes() == (220, 22)
+    c.live_bytes_sent = c.live_bytes_received = 0  # the next read no longer sees it
+    assert c.reported_bytes() == (220, 22)  # held, not 120: Prometheus would take a drop for a restart
+    c.bytes_sent += 200
+    assert c.reported_bytes() == (320, 22)
+
+
+class _Conn:
+    def __init__(self, writer: asyncio.StreamWriter, bytes_in: int) -> None:
+        self.writer, self.transport, self.bytes_in = writer, writer.transport, bytes_in
+
+
+class _InOrder(list[_Conn]):
+    """The node's connections, iterated in the order they were added (a set's order is its hashes')."""
+
+    def discard(self, conn: _Conn) -> None:
+        self.remove(conn)
+
+
+async def test_live_bytes_read_from_the_kernel_in_slices(monkeypatch: MonkeyPatch) -> None:
+    """What open connections were sent comes from TCP_INFO (the bytes the peer acknowledged), read in
+    slices with the event loop running in between, skipping a connection that ended meanwhile."""
+    monkeypatch.setattr(metrics, "LIVE_BYTES_SLICE", 1)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    conns = _InOrder()
+    for n in (1000, 2000, 3000):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x" * n)
+        await writer.drain()
+        conns.append(_Conn(writer, n // 100))
+    node = SimpleNamespace(connections=conns, counters=Counters())
+    async with asyncio.timeout(5):  # until the peer acknowledged all of it (+1 each: the SYN)
+        while sum(metrics.tcp_bytes_sent(c.transport) for c in conns) < 6003:
+            await asyncio.sleep(0.01)
+    last = conns[2]
+    ran: list[int] = []
+
+    async def other() -> None:  # another client's work: it gets the loop between two slices
+        ran.append(len(node.connections))
+        node.connections.discard(last)  # ...and a connection that ends meanwhile is not read
+
+    task = asyncio.ensure_future(other())
+    await metrics.read_live_bytes(node)  # type: ignore[arg-type]
+    await task
+    assert ran == [3]
+    assert node.counters.live_bytes_sent == (1000 + 1) + (2000 + 1)
+    assert node.counters.live_bytes_received == 10 + 20
+    for c in [*conns, last]:
+        c.writer.close()
+        await c.writer.wait_closed()
+    server.close()
+    await server.wait_closed()

@@ -47,13 +47,21 @@ class Sink(Protocol):
 
 
 class _Sub:
-    __slots__ = ("pending", "pending_bytes", "sink")
+    __slots__ = ("live_from", "pending", "pending_bytes", "sink")
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
         # Live publications that arrived while the subscription was being set up.
         self.pending: list[Publication] | None = []
         self.pending_bytes = 0
+        self.live_from = 0  # the channel's tally when it went live (Hub.delivered_to)
+
+
+def _note_out(sink: Sink, n: int) -> None:
+    """Tell a sink that counts what it was sent (``note_out``: the session's messages out) of ``n``."""
+    note = getattr(sink, "note_out", None)
+    if note is not None and n:
+        note(n)
 
 
 InterestFn = Callable[[str, bool], None]
@@ -78,6 +86,9 @@ class Hub:
         counters: Counters | None = None,
     ) -> None:
         self._channels: dict[str, dict[Sink, _Sub]] = {}
+        # Per channel, the publications fanned out to its live subscribers: a subscription's share is
+        # the difference since it went live, told to its sink when it ends (no count per delivery).
+        self._tally: dict[str, int] = {}
         self.counters = counters or Counters()
         self.subscription_count = 0  # (sink, channel) pairs registered here
         self.max_pending = max_pending_bytes  # bytes a catching-up subscriber may fall behind
@@ -104,19 +115,27 @@ class Hub:
         if sub is None or sub.pending is None:
             return sub is not None
         pending, sub.pending, sub.pending_bytes = sub.pending, None, 0
+        sub.live_from = self._tally.get(channel, 0)
+        n = 0
         for pub in pending:
             if pub.offset > after_offset:
                 sink.push(pub)
-                self.counters.deliveries += 1
+                n += 1
+        self.counters.deliveries += n
+        _note_out(sink, n)
         return True
 
     def remove(self, channel: str, sink: Sink) -> bool:
         subs = self._channels.get(channel)
-        if subs is None or subs.pop(sink, None) is None:
+        sub = subs.pop(sink, None) if subs is not None else None
+        if sub is None:
             return False
         self.subscription_count -= 1
+        if sub.pending is None:  # its share of the channel's live publications
+            _note_out(sink, self._tally.get(channel, 0) - sub.live_from)
         if not subs:
             del self._channels[channel]
+            self._tally.pop(channel, None)
             self._on_interest(channel, False)
         return True
 
@@ -146,7 +165,10 @@ class Hub:
                     sub.pending = []
                     self.counters.slow_consumer_closes += 1
                     sub.sink.close(CloseCode.SLOW_CONSUMER)
-        self.counters.deliveries += n  # once per publication, never per subscriber
+        if n:  # once per publication, never per subscriber
+            self.counters.deliveries += n
+            tally = self._tally
+            tally[pub.channel] = tally.get(pub.channel, 0) + 1
         return n
 
     def deliver_event(self, event: Event) -> None:
@@ -157,6 +179,7 @@ class Hub:
         for sub in tuple(subs.values()):
             if sub.pending is None and sub.sink.client_id != event.client:
                 sub.sink.push(event)
+                _note_out(sub.sink, 1)
 
     # ------------------------------------------------------------------------------ introspection
 

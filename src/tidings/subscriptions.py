@@ -113,6 +113,9 @@ class Subscriptions:
             self._forget(sink, channel)
             return None
         ready(outcome)
+        note_out = getattr(sink, "note_out", None)
+        if note_out is not None and outcome.replay:
+            note_out(len(outcome.replay))  # (the session's messages out: live ones are the hub's tally)
         for pub in outcome.replay:
             sink.push(pub)
             wait = sink.writable()

@@ -403,7 +403,6 @@ class HttpStream(BufferedConnection):
             body = encoded(item, fmt)
         if body is None:
             return
-        self.msgs_out += 1
         if type(item) is Publication:
             self.positions[self.index[item.channel]] = item
             if fmt is sse_data:  # several channels: the id is this stream's own
@@ -777,7 +776,9 @@ async def _hold(
                     }
                 )
             again = reuse and keep_alive
-            transport.write(_answer_bytes(body, allow_origin, again, status))
+            out = _answer_bytes(body, allow_origin, again, status)
+            transport.write(out)
+            node.counters.bytes_sent += len(out)
             if not again:
                 transport.close()
                 return

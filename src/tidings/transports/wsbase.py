@@ -24,6 +24,7 @@ from aiohttp import web
 from ..auth import TokenError
 from ..limits import client_ip
 from ..logs import session_ended
+from ..metrics import tcp_bytes_sent
 from ..node import NODE, Node
 from ..policy import Session
 from ..protocol import CLOSE_REASONS, CloseCode, ErrorCode, Event, Format, Publication, encoded
@@ -80,7 +81,6 @@ class BufferedConnection(asyncio.Protocol):
         "_t0",
         "_tbuf",
         "bytes_in",
-        "bytes_out",
         "close_code",
         "msgs_in",
         "msgs_out",
@@ -105,7 +105,6 @@ class BufferedConnection(asyncio.Protocol):
     msgs_out: int  # data messages queued: publications, events and replies
     close_code: int | None  # how it was closed (the close handshake's code, whoever started it)
     bytes_in: int  # bytes read from the socket (the metrics add open connections' in at scrape time)
-    bytes_out: int  # bytes handed to the socket
 
     def _begin(self) -> None:
         self._t0 = time.monotonic()
@@ -113,12 +112,11 @@ class BufferedConnection(asyncio.Protocol):
         self.msgs_out = 0
         self.close_code = None
         self.bytes_in = 0
-        self.bytes_out = 0
 
     def _ended(self, exc: Exception | None, client_id: str, ip: str, user: str) -> None:
         """The session is over (``connection_lost``): its one session line, its figures to the
         node's counters (``tidings.metrics``)."""
-        self.node.counters.connection_ended(self.close_code, self.bytes_in, self.bytes_out)
+        self.node.counters.connection_ended(self.close_code, self.bytes_in, tcp_bytes_sent(self.transport))
         session_ended(
             self.kind,
             client_id,
@@ -213,6 +211,8 @@ class BufferedConnection(asyncio.Protocol):
             fut.set_result(None)
 
     def flush(self) -> None:
+        """Write what is queued. Nothing is counted here (the bytes sent are the kernel's:
+        ``metrics.tcp_bytes_sent``), as nothing may be per delivery."""
         buf = self._buffer
         if not buf:
             return
@@ -222,8 +222,11 @@ class BufferedConnection(asyncio.Protocol):
         transport = self.transport
         if not transport.is_closing():
             transport.write(data)
-            self.bytes_out += len(data)
             self._tbuf = transport.get_write_buffer_size()
+
+    def note_out(self, n: int) -> None:
+        """``n`` more data messages were queued (the hub's tally of a subscription that ended)."""
+        self.msgs_out += n
 
 
 class WsProtocol(BufferedConnection):
@@ -404,7 +407,6 @@ class WsProtocol(BufferedConnection):
             frame = encoded(item, self.format)
         if frame is None or self._closing:
             return
-        self.msgs_out += 1
         size = self._buffered + len(frame)
         if size + self._tbuf > self.node.settings.max_buffer:
             self.offer(frame)  # the limit's rule
