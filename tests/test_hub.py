@@ -378,3 +378,33 @@ async def test_on_interest_first_and_last_subscriber(make_env: MakeEnv) -> None:
     assert calls == [("pub:i", True), ("pub:i", False)]
     await env.live(a, "pub:i", NS)
     assert calls == [("pub:i", True), ("pub:i", False), ("pub:i", True)]
+
+
+class CountingSink(FakeSink):
+    """Counts what the hub and the replay say it was sent (``note_out``), as a connection's session does."""
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self.out = 0
+
+    def note_out(self, n: int) -> None:
+        self.out += n
+
+
+async def test_messages_out_are_the_tally_of_what_each_subscription_was_pushed(env: Env) -> None:
+    """Nothing is counted per delivery: each sink's share of the channel's publications and events is
+    told to it when its subscription ends, and equals what it was pushed (replay, live, join/leave; not
+    the event about itself)."""
+    first = await env.broker.publish("chat:t", 1, 2)  # history: replayed to a subscriber asking for it
+    a, b = CountingSink("a"), CountingSink("b")
+    await env.live(a, "chat:t", CHAT, since=StreamPosition(0, first[0].epoch))
+    await env.live(b, "chat:t", CHAT)  # b's join reaches a, not b
+    await env.broker.publish("chat:t", 3, 4)
+    await a.until(lambda: a.kinds().count("message") == 4)
+    await b.until(lambda: b.kinds().count("message") == 2)
+    assert env.subs.unsubscribe(b, "chat:t")  # b's leave reaches a
+    await a.until(lambda: "leave" in a.kinds())
+    assert env.subs.unsubscribe(a, "chat:t")
+    pushed = {s: len([i for i in s.items if i != "ready"]) for s in (a, b)}
+    assert pushed == {a: 2 + 1 + 2 + 1, b: 2}
+    assert (a.out, b.out) == (pushed[a], pushed[b])

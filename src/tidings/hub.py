@@ -54,11 +54,12 @@ class _Sub:
         # Live publications that arrived while the subscription was being set up.
         self.pending: list[Publication] | None = []
         self.pending_bytes = 0
-        self.live_from = 0  # the channel's tally when it went live (Hub.delivered_to)
+        self.live_from = 0  # the channel's tally (Hub._tally) when it went live
 
 
-def _note_out(sink: Sink, n: int) -> None:
-    """Tell a sink that counts what it was sent (``note_out``: the session's messages out) of ``n``."""
+def note_out(sink: Sink, n: int) -> None:
+    """Tell a sink that counts what it was sent (its ``note_out``: the session's messages out) of ``n``
+    more: the hub's tally of live publications and events, and a subscription's replay."""
     note = getattr(sink, "note_out", None)
     if note is not None and n:
         note(n)
@@ -86,8 +87,9 @@ class Hub:
         counters: Counters | None = None,
     ) -> None:
         self._channels: dict[str, dict[Sink, _Sub]] = {}
-        # Per channel, the publications fanned out to its live subscribers: a subscription's share is
-        # the difference since it went live, told to its sink when it ends (no count per delivery).
+        # Per channel, the publications and events fanned out to its live subscribers: a subscription's
+        # share is the difference since it went live, told to its sink when it ends (no count per
+        # delivery).
         self._tally: dict[str, int] = {}
         self.counters = counters or Counters()
         self.subscription_count = 0  # (sink, channel) pairs registered here
@@ -122,7 +124,7 @@ class Hub:
                 sink.push(pub)
                 n += 1
         self.counters.deliveries += n
-        _note_out(sink, n)
+        note_out(sink, n)
         return True
 
     def remove(self, channel: str, sink: Sink) -> bool:
@@ -132,7 +134,7 @@ class Hub:
             return False
         self.subscription_count -= 1
         if sub.pending is None:  # its share of the channel's live publications
-            _note_out(sink, self._tally.get(channel, 0) - sub.live_from)
+            note_out(sink, self._tally.get(channel, 0) - sub.live_from)
         if not subs:
             del self._channels[channel]
             self._tally.pop(channel, None)
@@ -177,9 +179,13 @@ class Hub:
         if not subs:
             return
         for sub in tuple(subs.values()):
-            if sub.pending is None and sub.sink.client_id != event.client:
-                sub.sink.push(event)
-                _note_out(sub.sink, 1)
+            if sub.pending is None:
+                if sub.sink.client_id != event.client:
+                    sub.sink.push(event)
+                else:  # the tally below counts the event for every live subscriber but this one
+                    note_out(sub.sink, -1)
+        tally = self._tally
+        tally[event.channel] = tally.get(event.channel, 0) + 1
 
     # ------------------------------------------------------------------------------ introspection
 

@@ -387,11 +387,9 @@ async def read_live_bytes(node: Node) -> None:
         if start:
             await asyncio.sleep(0)
         for conn in conns[start : start + LIVE_BYTES_SLICE]:
-            transport = getattr(conn, "transport", None)
             if conn in live:  # not one that ended while the loop ran
                 total_in += getattr(conn, "bytes_in", 0)
-                if transport is not None:
-                    total += tcp_bytes_sent(transport)
+                total += tcp_bytes_sent(getattr(conn, "transport", None))
     node.counters.live_bytes_sent, node.counters.live_bytes_received = total, total_in
 
 

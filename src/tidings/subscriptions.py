@@ -17,7 +17,7 @@ from typing import Protocol
 
 from .backends.base import Broker, HistoryOptions, HistoryResult, PresenceStore
 from .config import Namespace
-from .hub import Hub, Sink
+from .hub import Hub, Sink, note_out
 from .metrics import Counters
 from .protocol import ErrorCode, Event, ProtocolError, Publication, StreamPosition
 
@@ -113,9 +113,7 @@ class Subscriptions:
             self._forget(sink, channel)
             return None
         ready(outcome)
-        note_out = getattr(sink, "note_out", None)
-        if note_out is not None and outcome.replay:
-            note_out(len(outcome.replay))  # (the session's messages out: live ones are the hub's tally)
+        note_out(sink, len(outcome.replay))  # the session's messages out (live ones: the hub's tally)
         for pub in outcome.replay:
             sink.push(pub)
             wait = sink.writable()
